@@ -35,10 +35,15 @@ setup(
         "matplotlib>=3.6",
         "tqdm>=4.60",
         "PyYAML>=6.0",
+        "cholespy>=2.0",
     ],
     extras_require={
         "test": [
             "pytest>=7",
+            # colcon, to check that the ament_python package builds
+            "colcon-core",
+            "colcon-ros",
+            "colcon-python-setup-py",
             # Real ROS 2 Jazzy rclpy and message packages, published on PyPI for x86_64.
             'ros-jazzy-rclpy[fastrtps]; platform_machine == "x86_64"',
             'ros-jazzy-std-msgs; platform_machine == "x86_64"',
