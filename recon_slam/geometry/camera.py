@@ -17,6 +17,32 @@ import torch
 from recon_slam.errors import CalibrationError
 
 
+_SUPPORTED_DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "none", "")
+# cv2.undistortPoints stops after 5 iterations by default, which leaves errors of tenths of
+# a pixel in the corners of wide-angle images; iterate to convergence instead.
+_UNDISTORT_CRITERIA = (3, 100, 1e-12)  # cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS
+
+
+def _check_distortion_model(model: Any, source: str) -> None:
+    """Reject distortion models whose coefficients would be misread as OpenCV plumb_bob ones."""
+    if model is None:
+        return
+    if str(model).strip().lower() not in _SUPPORTED_DISTORTION_MODELS:
+        raise CalibrationError(
+            f"{source}: distortion_model {model!r} is not supported (only plumb_bob and "
+            "rational_polynomial); rectify the images first and give the rectified camera_info"
+        )
+
+
+def _matrix_data(value: Any) -> Any:
+    """Numbers of a calibration matrix: ``{rows, cols, data: [...]}`` mapping, list, or ``None`` (empty)."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return value["data"] if value.get("data") is not None else ()
+    return value
+
+
 @dataclass(frozen=True)
 class PinholeCamera:
     """Intrinsics of one camera.
@@ -67,25 +93,70 @@ class PinholeCamera:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_K(cls, K: np.ndarray, width: int, height: int, distortion=()) -> "PinholeCamera":
-        """Camera from a 3x3 intrinsic matrix ``K`` (pixels)."""
-        K = np.asarray(K, dtype=np.float64).reshape(3, 3)
-        return cls(width, height, K[0, 0], K[1, 1], K[0, 2], K[1, 2], tuple(np.ravel(distortion)))
+        """Camera from a 3x3 intrinsic matrix ``K`` (pixels).
+
+        ``K`` must have the pinhole form ``[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]``; a skewed or
+        all-zero (uncalibrated) matrix raises :class:`CalibrationError`.
+        """
+        try:
+            K = np.asarray(K, dtype=np.float64).reshape(3, 3)
+            dist_array = np.asarray(() if distortion is None else distortion, dtype=np.float64)
+            dist = tuple(float(d) for d in dist_array.ravel())
+        except (TypeError, ValueError) as exc:
+            raise CalibrationError(
+                f"camera matrix K must be 3x3 numbers and distortion a list of numbers ({exc})"
+            ) from None
+        if not np.all(np.isfinite(K)):
+            raise CalibrationError("camera matrix K has non-finite entries: check the calibration")
+        if not K.any():
+            raise CalibrationError(
+                "camera matrix K is all zeros: the camera is not calibrated; calibrate it (e.g. ros2 run "
+                "camera_calibration cameracalibrator) or give --calib FILE"
+            )
+        pinhole_pattern = np.array([K[1, 0], K[2, 0], K[2, 1], K[2, 2] - 1.0])
+        if np.any(np.abs(pinhole_pattern) > 1e-9):
+            raise CalibrationError(
+                f"camera matrix K={K.tolist()} is not of the form [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]"
+            )
+        if abs(K[0, 1]) > 1e-6 * abs(K[0, 0]):
+            raise CalibrationError(
+                f"camera matrix K has skew {K[0, 1]}: skewed pixels are not supported, recalibrate with zero skew"
+            )
+        return cls(width, height, K[0, 0], K[1, 1], K[0, 2], K[1, 2], dist)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "calibration") -> "PinholeCamera":
         """Camera from a mapping with ``width height fx fy cx cy [distortion]``.
 
-        Also accepts ROS ``camera_info``-style YAML (``image_width``, ``image_height``,
-        ``camera_matrix: {data: [...]}``, ``distortion_coefficients: {data: [...]}``).
+        Also accepts:
+
+        * ``width height K [distortion]`` with ``K`` a 3x3 (nested or flat) list;
+        * ROS ``camera_info`` calibration YAML (``image_width``, ``image_height``,
+          ``camera_matrix: {data: [...]}``, ``distortion_model``,
+          ``distortion_coefficients: {data: [...]}``);
+        * a ``sensor_msgs/CameraInfo`` message dumped as YAML (``width``, ``height``,
+          ``k``/``K``, ``d``/``D``, ``distortion_model``), ROS 2 or ROS 1 spelling.
+
+        Only the ``plumb_bob`` and ``rational_polynomial`` distortion models are supported.
         """
+        if not isinstance(data, Mapping):
+            raise CalibrationError(f"{source}: expected a mapping with width, height, fx, fy, cx, cy")
         try:
+            _check_distortion_model(data.get("distortion_model"), source)
             if "camera_matrix" in data:
-                K = np.asarray(data["camera_matrix"]["data"], dtype=np.float64).reshape(3, 3)
-                dist = data.get("distortion_coefficients", {}).get("data", ())
+                K = _matrix_data(data["camera_matrix"])
+                dist = _matrix_data(data.get("distortion_coefficients"))
                 return cls.from_K(K, int(data["image_width"]), int(data["image_height"]), dist)
-            if "K" in data and "fx" not in data:
-                K = np.asarray(data["K"], dtype=np.float64).reshape(3, 3)
-                return cls.from_K(K, int(data["width"]), int(data["height"]), data.get("distortion", ()))
+            if "fx" not in data:
+                K_key = "K" if "K" in data else "k" if "k" in data else None
+                if K_key is not None:
+                    dist = ()
+                    for dist_key in ("distortion", "D", "d"):
+                        if data.get(dist_key) is not None:
+                            dist = _matrix_data(data[dist_key])
+                            break
+                    K = _matrix_data(data[K_key])
+                    return cls.from_K(K, int(data["width"]), int(data["height"]), dist)
             return cls(
                 int(data["width"]),
                 int(data["height"]),
@@ -98,9 +169,10 @@ class PinholeCamera:
         except KeyError as exc:
             raise CalibrationError(
                 f"{source}: missing key {exc.args[0]!r}; a calibration needs width, height, fx, fy, cx, cy "
-                "(and optionally distortion: [k1, k2, p1, p2, k3])"
+                "(and optionally distortion: [k1, k2, p1, p2, k3]), or is a ROS camera_info YAML with "
+                "image_width, image_height, camera_matrix and distortion_coefficients"
             ) from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"{source}: malformed calibration ({exc})") from None
 
     @classmethod
@@ -200,7 +272,12 @@ class PinholeCamera:
         if not self.has_distortion:
             out = (uv.reshape(-1, 2) - [self.cx, self.cy]) / [self.fx, self.fy]
             return out
-        return cv2.undistortPoints(uv, self.K, np.asarray(self.distortion)).reshape(-1, 2)
+        dist = np.asarray(self.distortion, dtype=np.float64)
+        if hasattr(cv2, "undistortPointsIter"):  # OpenCV 4: the overload taking a criteria
+            out = cv2.undistortPointsIter(uv, self.K, dist, None, None, _UNDISTORT_CRITERIA)
+        else:  # OpenCV 5: undistortPoints takes the criteria itself
+            out = cv2.undistortPoints(uv, self.K, dist, None, None, None, _UNDISTORT_CRITERIA)
+        return out.reshape(-1, 2)
 
     # ------------------------------------------------------------------ rays / projection
     def pixel_grid(self, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -236,7 +313,12 @@ class PinholeCamera:
         return torch.stack((u, v), dim=-1), z
 
     def backproject_depth(self, depth: torch.Tensor) -> torch.Tensor:
-        """Depth map ``(H, W)`` in metres (z) -> camera-frame pointmap ``(H, W, 3)``."""
+        """Depth map ``(..., H, W)`` in metres (z) -> camera-frame pointmap ``(..., H, W, 3)``."""
+        if tuple(depth.shape[-2:]) != (self.height, self.width):
+            raise CalibrationError(
+                f"depth map of shape {tuple(depth.shape)} does not match the {self.width}x{self.height} camera "
+                f"(expected (..., {self.height}, {self.width})): use camera.scaled() / cropped() to match the images"
+            )
         rays = self.pixel_to_ray(self.pixel_grid(depth.dtype, depth.device))
         return rays * depth[..., None]
 

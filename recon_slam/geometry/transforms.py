@@ -50,9 +50,18 @@ def transform_points(T: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
-    """Rotation angle in degrees of rotation matrices ``(..., 3, 3)``."""
-    tr = np.trace(np.asarray(R), axis1=-2, axis2=-1)
-    return np.degrees(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+    """Rotation angle in degrees of rotation matrices ``(..., 3, 3)``.
+
+    Uses ``atan2(sin, cos)`` of the angle (sine from the antisymmetric part, cosine from the
+    trace), which stays accurate for tiny angles and near 180 degrees where ``arccos`` of
+    the trace alone loses half the significant digits.
+    """
+    R = np.asarray(R, dtype=np.float64)
+    cos_angle = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
+    axis_times_sin = 0.5 * np.stack(
+        (R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]), axis=-1
+    )
+    return np.degrees(np.arctan2(np.linalg.norm(axis_times_sin, axis=-1), cos_angle))
 
 
 def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray = (0.0, 0.0, 1.0)) -> np.ndarray:
@@ -63,9 +72,10 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray = (0.0, 0.0, 1.0
     eye = np.asarray(eye, dtype=np.float64)
     z = np.asarray(target, dtype=np.float64) - eye
     z /= np.linalg.norm(z)
-    x = np.cross(z, -np.asarray(up, dtype=np.float64))
-    if np.linalg.norm(x) < 1e-9:
-        x = np.cross(z, np.array([1.0, 0.0, 0.0]))
+    # x (image right) = y x z with y = -up: right-handed, and y = z x x ends up closest to -up
+    x = np.cross(-np.asarray(up, dtype=np.float64), z)
+    if np.linalg.norm(x) < 1e-9:  # looking along up: any right vector will do
+        x = np.cross(np.array([1.0, 0.0, 0.0]) if abs(z[0]) < 0.9 else np.array([0.0, 1.0, 0.0]), z)
     x /= np.linalg.norm(x)
     y = np.cross(z, x)
     return make_pose(np.stack((x, y, z), axis=1), eye)
