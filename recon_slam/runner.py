@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -53,6 +53,7 @@ def run_slam(
     config: SlamConfig | None = None,
     progress: bool = True,
     desc: str = "SLAM",
+    on_frame: Callable[[Any, Any, Any], None] | None = None,
 ) -> dict[str, Any]:
     """Run the engine over every frame of ``source`` and write the output files.
 
@@ -62,6 +63,7 @@ def run_slam(
         out_dir: output folder (created), or ``None`` to write nothing.
         config: engine configuration (defaults when ``None``).
         progress: show a progress bar.
+        on_frame: called as ``on_frame(frame, result, system)`` after every frame (benchmarks).
 
     Returns:
         The summary dict (also written to ``summary.json``), plus, under private keys,
@@ -85,6 +87,8 @@ def run_slam(
         for frame in bar:
             result = system.process(frame)
             states[result.state] = states.get(result.state, 0) + 1
+            if on_frame is not None:
+                on_frame(frame, result, system)
             if progress and frame.index % 10 == 0:
                 bar.set_postfix(state=result.state, kf=system.num_keyframes, refresh=False)
         tracking_s = time.perf_counter() - t0

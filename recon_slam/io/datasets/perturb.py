@@ -67,3 +67,44 @@ class PerturbedSource:
                 frame = dataclasses.replace(frame, **changes)
             yield dataclasses.replace(frame, index=out_index)
             out_index += 1
+
+
+class RepeatedSource:
+    """A FrameSource that plays another one ``laps`` times in a row (stamps keep increasing).
+
+    With a loop trajectory this is a camera that keeps revisiting the same place, the case
+    where the map must not grow without bound.
+    """
+
+    def __init__(self, source, laps: int) -> None:
+        if laps < 1:
+            raise ValueError(f"laps must be >= 1, not {laps}")
+        self.source = source
+        self.laps = int(laps)
+        self.name = f"{getattr(source, 'name', 'source')}x{laps}"
+        self.camera = source.camera
+        self.has_depth = source.has_depth
+        self.has_stereo = source.has_stereo
+        self.has_ground_truth = getattr(source, "has_ground_truth", False)
+        stamps, _ = source.ground_truth() if self.has_ground_truth else (None, None)
+        self._period = None if stamps is None or len(stamps) < 2 else float(stamps[-1] - stamps[0] + (stamps[1] - stamps[0]))
+
+    def __len__(self) -> int:
+        return len(self.source) * self.laps
+
+    def _lap_offset(self, lap: int) -> float:
+        return lap * (self._period if self._period is not None else 1e3)
+
+    def ground_truth(self):
+        """(stamps (N * laps,), T_world_cam (N * laps, 4, 4)) of all laps."""
+        import numpy as np
+
+        stamps, poses = self.source.ground_truth()
+        return (np.concatenate([stamps + self._lap_offset(k) for k in range(self.laps)]),
+                np.concatenate([poses] * self.laps))
+
+    def __iter__(self) -> Iterator[Frame]:
+        n = len(self.source)
+        for lap in range(self.laps):
+            for frame in self.source:
+                yield dataclasses.replace(frame, index=lap * n + frame.index, stamp=frame.stamp + self._lap_offset(lap))
