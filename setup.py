@@ -58,6 +58,7 @@ setup(
     entry_points={
         "console_scripts": [
             "recon-slam = recon_slam.cli:main",
+            "slam_node = recon_slam.ros.slam_node:main",
         ],
     },
     zip_safe=True,

@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
+    from recon_slam.replay import add_replay_parser
+
+    add_replay_parser(sub)
     return parser
 
 

@@ -286,6 +286,10 @@ class RclpyTypes:
             arr = np.ascontiguousarray(np.asarray(value).reshape(-1), dtype=dt)
             return array.array(code, arr.tobytes())
         value = _py_scalar(value)
+        if ftype in ("byte", "octet"):
+            # rclpy's byte/octet fields take a bytes object of length one; an int is accepted
+            # by Jazzy but serialised wrongly.
+            return value if isinstance(value, bytes) else bytes([int(value) & 0xFF])
         dt = _base_dtype(ftype)
         if dt is not None:
             if dt == np.bool_:

@@ -1,0 +1,380 @@
+"""Keyframes, the thread-safe keyframe map, pointmap fusion and the new-keyframe rule.
+
+A :class:`Keyframe` keeps a canonical pointmap ``X`` (H, W, 3) in its own camera frame and
+an accumulated confidence ``C`` (H, W); every tracked frame is fused into it with a
+confidence-weighted running average ``X <- (C X + c T x) / (C + c)``, ``C <- C + c``.
+Its pose ``T_world_kf`` lives in the :class:`KeyframeMap`, which the backend thread updates
+after each optimisation (:meth:`KeyframeMap.set_poses`) while the frontend reads it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from recon_slam.geometry.camera import PinholeCamera
+from recon_slam.frontend.tracking import (
+    ReferenceLevel,
+    build_pyramid,
+    reference_level,
+)
+
+
+@dataclass(eq=False)
+class Keyframe:
+    """One keyframe (tensors on the engine's device).
+
+    Attributes:
+        id: keyframe id (0, 1, 2, ... in creation order).
+        frame_index: index of the frame it was made from; stamp: its time in seconds.
+        camera: intrinsics at processing resolution.
+        image: (H, W, 3) uint8 RGB.
+        X: (H, W, 3) float32 canonical pointmap in the keyframe camera frame.
+        C: (H, W) float32 accumulated confidence (0 = no point).
+        n_fused: number of frames fused so far (1 = only its own prediction).
+        metric: pointmap in metres (SE(3) edges) or up to scale (Sim(3)).
+        D: optional (H, W, F) descriptors; Q: optional (H, W) descriptor confidence.
+        calibrated: points are kept on the camera rays (fusion averages depth only).
+    """
+
+    id: int
+    frame_index: int
+    stamp: float
+    camera: PinholeCamera
+    image: torch.Tensor
+    X: torch.Tensor
+    C: torch.Tensor
+    n_fused: int = 1
+    metric: bool = True
+    D: Optional[torch.Tensor] = None
+    Q: Optional[torch.Tensor] = None
+    calibrated: bool = True
+    _version: int = field(default=0, repr=False)
+    _pyr_cache: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W)."""
+        return tuple(self.C.shape)  # type: ignore[return-value]
+
+    @property
+    def mean_confidence(self) -> torch.Tensor:
+        """(H, W) confidence per fused frame ``C / n_fused``."""
+        return self.C / max(self.n_fused, 1)
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consistent ``(X, C)`` pair (fusion replaces both together)."""
+        with self._lock:
+            return self.X, self.C
+
+    def references(self, factors: Sequence[int], max_spread_ratio: float = 0.05,
+                   max_age: int = 0) -> list[ReferenceLevel]:
+        """Tracking reference levels for ``factors``.
+
+        Cached; rebuilt when more than ``max_age`` fusions happened since the cached build
+        (0: after every fusion).
+        """
+        key = tuple(int(f) for f in factors)
+        with self._lock:
+            cached = self._pyr_cache.get(key)
+            if cached is not None and self._version - cached[0] <= max_age:
+                return cached[1]
+            X, C = self.X, self.C
+            version = self._version
+        levels = build_pyramid(X, C, self.image, self.camera, key, max_spread_ratio)
+        refs = [reference_level(lv) for lv in levels]
+        with self._lock:
+            self._pyr_cache = {key: (version, refs)}
+        return refs
+
+    def set_pointmap(self, X: torch.Tensor, C: torch.Tensor, fused: int = 0) -> None:
+        """Replace the pointmap and confidence (atomically for readers of :meth:`snapshot`)."""
+        with self._lock:
+            self.X, self.C = X, C
+            self.n_fused += fused
+            self._version += 1
+
+    def fuse(
+        self, points: torch.Tensor, conf: torch.Tensor, T_kf_frame: np.ndarray, max_distance: float,
+        max_confidence_ratio: float = 50.0,
+    ) -> int:
+        """Fuse a frame's points into the pointmap (see :func:`fuse_depth` / :func:`fuse_pointmap`).
+
+        Args:
+            points: (3, N) frame points in the frame camera (channel-first); conf: (N,)
+                confidences (0 = skip).
+            T_kf_frame: (4, 4) pose of the frame in the keyframe.
+
+        Returns:
+            number of keyframe pixels updated.
+        """
+        T = torch.as_tensor(np.asarray(T_kf_frame), dtype=points.dtype, device=points.device)
+        q = torch.addmm(T[:3, 3:4], T[:3, :3], points)
+        X, C = self.snapshot()
+        if self.calibrated:
+            Z, C2, n = fuse_depth(X[..., 2], C, q, conf, self.camera, max_distance, max_confidence_ratio)
+            X2 = (_pixel_rays(self.camera, X.dtype, X.device) * Z.reshape(-1, 1)).reshape(X.shape)
+        else:
+            X2, C2, n = fuse_pointmap(X, C, q, conf, self.camera, max_distance, max_confidence_ratio, False)
+        self.set_pointmap(X2, C2, fused=1)
+        return n
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the keyframe's tensors (image, pointmap, confidence, descriptors)."""
+        total = 0
+        for t in (self.image, self.X, self.C, self.D, self.Q):
+            if t is not None:
+                total += t.element_size() * t.numel()
+        for _, refs in self._pyr_cache.values():
+            for r in refs:
+                total += r.geo.element_size() * r.geo.numel() + r.photo.element_size() * r.photo.numel()
+        return total
+
+
+class KeyframeMap:
+    """Thread-safe store of keyframes and their poses ``T_world_kf`` (float64 numpy)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._kfs: dict[int, Keyframe] = {}
+        self._poses: dict[int, np.ndarray] = {}
+        self._next_id = 0
+        #: incremented by every :meth:`set_poses` (lets readers notice backend updates)
+        self.pose_version = 0
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The map's re-entrant lock (hold it for several consistent reads)."""
+        return self._lock
+
+    def next_id(self) -> int:
+        """Id the next added keyframe should take."""
+        with self._lock:
+            return self._next_id
+
+    def add(self, kf: Keyframe, T_world_kf: np.ndarray) -> int:
+        """Insert ``kf`` with pose (4, 4); returns its id."""
+        with self._lock:
+            if kf.id in self._kfs:
+                raise ValueError(f"keyframe id {kf.id} already in the map")
+            self._kfs[kf.id] = kf
+            self._poses[kf.id] = np.array(T_world_kf, dtype=np.float64).reshape(4, 4)
+            self._next_id = max(self._next_id, kf.id + 1)
+            return kf.id
+
+    def get(self, kf_id: int) -> Keyframe:
+        """Keyframe by id (KeyError when absent)."""
+        with self._lock:
+            return self._kfs[kf_id]
+
+    def __contains__(self, kf_id: int) -> bool:
+        with self._lock:
+            return kf_id in self._kfs
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kfs)
+
+    def ids(self) -> list[int]:
+        """Keyframe ids in creation order."""
+        with self._lock:
+            return sorted(self._kfs)
+
+    def keyframes(self) -> list[Keyframe]:
+        """Keyframes in id order."""
+        with self._lock:
+            return [self._kfs[i] for i in sorted(self._kfs)]
+
+    def pose(self, kf_id: int) -> np.ndarray:
+        """(4, 4) float64 copy of ``T_world_kf``."""
+        with self._lock:
+            return self._poses[kf_id].copy()
+
+    def poses(self, ids: Optional[Iterable[int]] = None) -> tuple[list[int], np.ndarray]:
+        """(ids, (N, 4, 4) float64 poses) of ``ids`` (default: all, in id order)."""
+        with self._lock:
+            ids = sorted(self._poses) if ids is None else list(ids)
+            if not ids:
+                return [], np.zeros((0, 4, 4))
+            return ids, np.stack([self._poses[i] for i in ids]).copy()
+
+    def set_poses(self, ids: Sequence[int], T_world_kf: np.ndarray) -> None:
+        """Replace the poses of ``ids`` by ``T_world_kf`` (N, 4, 4) (backend optimisation)."""
+        T = np.asarray(T_world_kf, dtype=np.float64).reshape(-1, 4, 4)
+        if len(ids) != T.shape[0]:
+            raise ValueError(f"set_poses: {len(ids)} ids but {T.shape[0]} poses")
+        with self._lock:
+            for i, Ti in zip(ids, T):
+                if i not in self._poses:
+                    raise KeyError(f"set_poses: unknown keyframe id {i}")
+                self._poses[int(i)] = Ti.copy()
+            self.pose_version += 1
+
+    def clear(self) -> None:
+        """Remove every keyframe."""
+        with self._lock:
+            self._kfs.clear()
+            self._poses.clear()
+            self._next_id = 0
+            self.pose_version += 1
+
+    def memory_bytes(self) -> int:
+        """Total bytes of keyframe tensors."""
+        with self._lock:
+            return sum(kf.memory_bytes() for kf in self._kfs.values())
+
+
+# ---------------------------------------------------------------------------- fusion
+_RAYS: dict = {}
+
+
+def _pixel_rays(camera: PinholeCamera, dtype, device) -> torch.Tensor:
+    """(H*W, 3) rays (z = 1) of every pixel of ``camera`` (cached)."""
+    key = (camera, dtype, str(device))
+    rays = _RAYS.get(key)
+    if rays is None:
+        if len(_RAYS) > 16:
+            _RAYS.clear()
+        rays = camera.pixel_to_ray(camera.pixel_grid(dtype, device)).reshape(-1, 3)
+        _RAYS[key] = rays
+    return rays
+
+
+def fuse_depth(
+    Z: torch.Tensor,
+    C: torch.Tensor,
+    points_kf: torch.Tensor,
+    conf: torch.Tensor,
+    camera: PinholeCamera,
+    max_distance: float,
+    max_confidence_ratio: float = 50.0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Confidence-weighted depth fusion for calibrated keyframes (points stay on pixel rays).
+
+    Each point goes to the keyframe pixel it projects to (nearest pixel). Where the keyframe
+    has depth, the point is fused only when its depth is within ``max_distance``; a point
+    further away is an occlusion and ignored; a point closer by more than ``max_distance``
+    contradicts the keyframe depth and lowers its confidence by its own (a pixel whose
+    confidence is used up starts over). Empty pixels are filled.
+    ``z <- (C z + sum c z') / (C + sum c)``,
+    ``C <- min(C + sum c, max_confidence_ratio * mean incoming c)``.
+
+    Args:
+        Z: (H, W) keyframe depth (0 where ``C == 0``); C: (H, W) confidence.
+        points_kf: (3, N) points in the keyframe camera; conf: (N,) >= 0 (0 = skip).
+        camera: keyframe intrinsics.
+
+    Returns:
+        (Z', C', number of updated pixels); the inputs are not modified.
+    """
+    H, W = C.shape
+    px, py, pz = points_kf[0], points_kf[1], points_kf[2]
+    iz = 1.0 / pz.clamp_min(1e-6)
+    u = camera.fx * px * iz + camera.cx
+    v = camera.fy * py * iz + camera.cy
+    inside = (u > -0.5) & (u < W - 0.5) & (v > -0.5) & (v < H - 0.5) & (pz > 1e-6) & (conf > 0)
+    idx = (torch.round(v).clamp(0, H - 1) * W + torch.round(u).clamp(0, W - 1)).long()
+    Zf = Z.reshape(-1)
+    Cf = C.reshape(-1)
+    zk = torch.take(Zf, idx)
+    ck = torch.take(Cf, idx)
+    agree = inside & ((ck <= 0) | ((pz - zk).abs() <= max_distance))
+    # a reading in front of the keyframe surface contradicts it (seen through): evidence
+    # against the keyframe depth; a reading behind it is an occlusion and says nothing
+    conflict = inside & (ck > 0) & (zk - pz > max_distance)
+    fa = agree.to(C.dtype)
+    c = conf * fa
+    n_pix = H * W
+    zeros = torch.zeros(n_pix, dtype=C.dtype, device=C.device)
+    csum = zeros.index_add(0, idx, c)
+    zsum = zeros.index_add(0, idx, c * pz)
+    cnt = zeros.index_add(0, idx, fa)
+    cneg = zeros.index_add(0, idx, conf * conflict.to(C.dtype))
+    # conflicting evidence first lowers the keyframe confidence; once it is used up the
+    # pixel starts over from the new readings
+    Ck = (Cf - cneg).clamp_min(0.0)
+    Zk = Zf * (Ck > 0).to(C.dtype)
+    Cnew = Ck + csum
+    Znew = (Ck * Zk + zsum) / Cnew.clamp_min(1e-20)
+    upd = csum > 0
+    cap = max_confidence_ratio * csum / cnt.clamp_min(1.0) + (~upd).to(C.dtype) * 1e30
+    Cnew = torch.minimum(Cnew, cap)
+    return Znew.reshape(H, W), Cnew.reshape(H, W), int((upd | (cneg > 0)).sum())
+
+
+def fuse_pointmap(
+    X: torch.Tensor,
+    C: torch.Tensor,
+    points_kf: torch.Tensor,
+    conf: torch.Tensor,
+    camera: PinholeCamera,
+    max_distance: float,
+    max_confidence_ratio: float = 50.0,
+    calibrated: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Confidence-weighted fusion of points into a keyframe pointmap.
+
+    Each point is assigned to the keyframe pixel it projects to (nearest pixel); where the
+    keyframe already has a point, the new one is fused only within ``max_distance`` of it
+    (else it is an occlusion / outlier and ignored); empty keyframe pixels are filled.
+    ``X <- (C X + sum c x) / (C + sum c)`` and ``C <- C + sum c``, with ``C`` capped at
+    ``max_confidence_ratio`` times the incoming mean confidence of the pixel. When
+    ``calibrated`` only the depth is averaged and points stay on the keyframe pixel rays.
+
+    Args:
+        X: (H, W, 3) keyframe pointmap; C: (H, W) its confidence.
+        points_kf: (3, N) new points in the keyframe camera frame (channel-first);
+            conf: (N,) > 0.
+        camera: keyframe intrinsics (size (W, H)).
+
+    Returns:
+        (X', C', number of updated pixels); the inputs are not modified.
+    """
+    H, W = C.shape
+    px, py, pz = points_kf[0], points_kf[1], points_kf[2]
+    iz = 1.0 / pz.clamp_min(1e-6)
+    ui = torch.round(camera.fx * px * iz + camera.cx)
+    vi = torch.round(camera.fy * py * iz + camera.cy)
+    ok = (ui >= 0) & (ui <= W - 1) & (vi >= 0) & (vi <= H - 1) & (pz > 1e-6) & (conf > 0)
+    idx = (vi.clamp(0, H - 1) * W + ui.clamp(0, W - 1)).long()
+    Xf = X.reshape(-1, 3)
+    Cf = C.reshape(-1)
+    has = torch.take(Cf, idx) > 0
+    if calibrated:
+        close = (pz - torch.take(Xf[:, 2].contiguous(), idx)).abs() <= max_distance
+    else:
+        Xk = Xf.index_select(0, idx).T
+        d = points_kf - Xk
+        close = (d * d).sum(0) <= max_distance * max_distance
+    ok &= ~has | close
+    c = conf * ok.to(conf.dtype)  # rejected points add nothing
+    n_pix = H * W
+    zeros = torch.zeros(n_pix, dtype=C.dtype, device=C.device)
+    csum = zeros.index_add(0, idx, c)
+    cnt = zeros.index_add(0, idx, ok.to(C.dtype))
+    upd = csum > 0
+    Cnew = Cf + csum
+    invC = 1.0 / Cnew.clamp_min(1e-12)
+    if calibrated:
+        zsum = zeros.index_add(0, idx, c * pz)
+        zk = torch.where(Cf > 0, Xf[:, 2], torch.zeros_like(Cf))
+        znew = (Cf * zk + zsum) * invC
+        rays = _pixel_rays(camera, X.dtype, X.device)
+        Xnew = torch.where(upd[:, None], rays * znew[:, None], Xf)
+    else:
+        psum = torch.zeros(3, n_pix, dtype=X.dtype, device=X.device).index_add(1, idx, c * points_kf)
+        Xk = torch.where((Cf > 0)[:, None], Xf, torch.zeros_like(Xf))
+        Xnew = torch.where(upd[:, None], ((Cf[:, None] * Xk) + psum.T) * invC[:, None], Xf)
+    cap = max_confidence_ratio * csum / cnt.clamp_min(1)
+    Cnew = torch.where(upd, torch.minimum(Cnew, cap), Cf)
+    return Xnew.reshape(H, W, 3), Cnew.reshape(H, W), int(upd.sum())
+
+
+def need_new_keyframe(valid_fraction: float, unique_fraction: float, threshold: float) -> bool:
+    """New-keyframe rule: ``min(valid match fraction, unique keyframe pixel fraction) < threshold``."""
+    return min(valid_fraction, unique_fraction) < threshold

@@ -1,0 +1,919 @@
+"""Frame-to-keyframe tracking: dense Gauss-Newton on SE(3) / Sim(3) with Huber IRLS.
+
+The tracker estimates ``T_kf_frame`` (maps frame-camera coordinates to keyframe-camera
+coordinates) from the frame's pointmap and the keyframe's canonical pointmap. At every
+iteration the frame points are expressed in the keyframe with the current estimate and
+re-associated to keyframe pixels by projection (:mod:`recon_slam.frontend.matching`);
+the keyframe maps are read there by bilinear interpolation. Residual terms per matched
+point (each selectable, each whitened by its sigma and weighted by the confidences):
+
+* main term, ``residual='pixel_depth'``: reprojection ``pi(q) - pi(y)`` (2, pixels) and
+  log-depth ``log z(q) - log z(y)`` (1); ``residual='ray_dist'``: ray direction
+  ``q/|q| - y/|y|`` (3) and distance ``|q| - |y|`` (1); ``q = T x`` the frame point in the
+  keyframe, ``y`` the keyframe point it matches.
+* optional point-to-plane ``n(y) . (q - y)`` (1) with the keyframe normals.
+* optional photometric ``I_kf(pi(q)) - I_frame(x)`` (1), intensities in [0, 1].
+
+Jacobians use LEFT perturbations ``T <- exp(delta) T`` (``delta = (rho, phi[, sigma])``);
+for a residual row with gradient ``g = dr/dq`` the row is ``[g, q x g (, g . q)]``. The
+dense normal equations (6x6 / 7x7) are solved by Cholesky in float64. Levels run coarse to
+fine (area-pooled pyramids of both pointmaps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recon_slam.config import TrackingConfig
+from recon_slam.frontend.matching import unique_fraction
+from recon_slam.geometry.camera import PinholeCamera
+
+#: luminance weights of RGB -> grey
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------------------- pyramids
+def grey(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (H, W) float32 intensity in [0, 1]."""
+    img = image.to(torch.float32)
+    return (img[..., 0] * _LUMA[0] + img[..., 1] * _LUMA[1] + img[..., 2] * _LUMA[2]) / 255.0
+
+
+@dataclass
+class MapLevel:
+    """One pyramid level of a pointmap (frame or keyframe), channel-first, own camera frame.
+
+    Attributes:
+        factor: downsampling factor relative to the processing resolution.
+        camera: intrinsics of this level (``camera.scaled``).
+        X: (3, h, w) points; C: (h, w) confidence (0 invalid); I: (h, w) intensity in [0, 1].
+    """
+
+    factor: int
+    camera: PinholeCamera
+    X: torch.Tensor
+    C: torch.Tensor
+    I: torch.Tensor
+
+
+def block_reduce(S: torch.Tensor, r: int, op: str = "mean") -> torch.Tensor:
+    """Reduce non-overlapping ``r x r`` blocks of (C, H, W) maps: 'mean', 'sum' or 'max'.
+
+    Uses strided slices (much faster than the CPU pooling kernels for small ``r``); the
+    maps are cropped to multiples of ``r``.
+    """
+    h, w = S.shape[-2] // r, S.shape[-1] // r
+    out = None
+    for i in range(r):
+        for j in range(r):
+            part = S[..., i: h * r: r, j: w * r: r]
+            if out is None:
+                out = part.clone() if op == "max" else part * 1.0
+            elif op == "max":
+                out = torch.maximum(out, part)
+            else:
+                out = out + part
+    if op == "mean":
+        out = out * (1.0 / (r * r))
+    return out
+
+
+def _level_camera(camera: PinholeCamera, H: int, W: int, factor: int) -> PinholeCamera:
+    h, w = H // factor, W // factor
+    cam = camera if (h * factor, w * factor) == (H, W) else camera.cropped(0, 0, w * factor, h * factor)
+    return cam.scaled(w, h)
+
+
+def build_pyramid(
+    X: torch.Tensor, C: torch.Tensor, image: torch.Tensor, camera: PinholeCamera, factors: Sequence[int],
+    max_spread_ratio: float = 0.05, backend: str = "auto",
+) -> list[MapLevel]:
+    """Area-pooled pyramid levels (one per factor, in the given order) of a pointmap.
+
+    Valid points (``C > 0``) of each ``f x f`` block are averaged; a block is invalid when
+    fewer than half its pixels are valid or its depths spread more than
+    ``max_spread_ratio`` of their mean (it straddles a discontinuity). Confidence is the
+    mean over the block's valid pixels, intensity the plain block mean. Sizes not divisible
+    by ``f`` are cropped at the right/bottom.
+
+    Args:
+        X: (H, W, 3) points, C: (H, W) float32, image: (H, W, 3) uint8, camera: intrinsics of X.
+        backend: 'auto' (OpenCV for CPU tensors, torch otherwise), 'cv2' or 'torch'; both
+            compute the same levels.
+
+    Returns:
+        list of :class:`MapLevel` (channel-first, on the device of ``X``).
+    """
+    if backend == "cv2" or (backend == "auto" and X.device.type == "cpu"):
+        return _build_pyramid_cv2(X, C, image, camera, factors, max_spread_ratio)
+    return _build_pyramid_torch(X, C, image, camera, factors, max_spread_ratio)
+
+
+def _build_pyramid_cv2(
+    X: torch.Tensor, C: torch.Tensor, image: torch.Tensor, camera: PinholeCamera, factors: Sequence[int],
+    max_spread_ratio: float = 0.05,
+) -> list[MapLevel]:
+    import cv2
+
+    H, W = C.shape
+    Xn = X.detach().cpu().numpy()
+    Cn = C.detach().cpu().numpy()
+    img = image.detach().cpu().numpy()
+    In = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY).astype(np.float32) * np.float32(1.0 / 255.0)
+    valid = Cn > 0
+    vf = valid.astype(np.float32)
+    A1 = np.empty((H, W, 4), np.float32)
+    np.multiply(Xn, vf[..., None], out=A1[..., :3])
+    A1[..., 3] = vf
+    A2 = np.empty((H, W, 2), np.float32)
+    np.multiply(Cn, vf, out=A2[..., 0])
+    A2[..., 1] = In
+    pen = (vf - 1.0) * np.float32(1e9)
+    Z = np.empty((H, W, 2), np.float32)
+    np.add(Xn[..., 2], pen, out=Z[..., 0])
+    np.subtract(pen, Xn[..., 2], out=Z[..., 1])
+    dev = X.device
+    out: list[MapLevel] = []
+    cache: dict[int, MapLevel] = {}
+    for f in factors:
+        f = int(f)
+        if f in cache:
+            out.append(cache[f])
+            continue
+        if f == 1:
+            lv = MapLevel(1, camera, X.permute(2, 0, 1), torch.from_numpy(A2[..., 0].copy()).to(dev),
+                          torch.from_numpy(In).to(dev))
+        else:
+            h, w = H // f, W // f
+            a1, a2, zz = A1[: h * f, : w * f], A2[: h * f, : w * f], Z[: h * f, : w * f]
+            p1 = cv2.resize(a1, (w, h), interpolation=cv2.INTER_AREA)
+            p2 = cv2.resize(a2, (w, h), interpolation=cv2.INTER_AREA)
+            mx = cv2.dilate(zz, np.ones((f, f), np.uint8), anchor=(0, 0))[::f, ::f][:h, :w]
+            frac = p1[..., 3]
+            inv = 1.0 / np.maximum(frac, 1e-12)
+            Xp = p1[..., :3] * inv[..., None]
+            ok = (frac >= 0.5) & ((mx[..., 0] + mx[..., 1]) <= max_spread_ratio * np.abs(Xp[..., 2]))
+            Cp = p2[..., 0] * inv * ok
+            lv = MapLevel(
+                f, _level_camera(camera, H, W, f),
+                torch.from_numpy(np.ascontiguousarray(Xp.transpose(2, 0, 1))).to(dev),
+                torch.from_numpy(Cp.astype(np.float32)).to(dev),
+                torch.from_numpy(np.ascontiguousarray(p2[..., 1])).to(dev),
+            )
+        cache[f] = lv
+        out.append(lv)
+    return out
+
+
+def _build_pyramid_torch(
+    X: torch.Tensor, C: torch.Tensor, image: torch.Tensor, camera: PinholeCamera, factors: Sequence[int],
+    max_spread_ratio: float = 0.05,
+) -> list[MapLevel]:
+    """Area-pooled pyramid levels (one per factor, in the given order) of a pointmap.
+
+    Valid points (``C > 0``) of each ``f x f`` block are averaged; a block is invalid when
+    fewer than half its pixels are valid or its depths spread more than
+    ``max_spread_ratio`` of their mean (it straddles a discontinuity). Confidence is the
+    mean over the block's valid pixels, intensity the plain block mean. Coarser levels are
+    pooled from finer ones when the factors divide (same result as pooling from full
+    resolution). Sizes not divisible by ``f`` are cropped at the right/bottom.
+
+    Args:
+        X: (H, W, 3) points, C: (H, W) float32, image: (H, W, 3) uint8, camera: intrinsics of X.
+
+    Returns:
+        list of :class:`MapLevel` (channel-first).
+    """
+    H, W = C.shape
+    I = grey(image)
+    valid = C > 0
+    Xc = X.permute(2, 0, 1)
+    vf = valid.to(X.dtype)
+    pen = (vf - 1.0) * 1e9  # 0 where valid, -1e9 where not
+    base = torch.empty((8, H, W), dtype=X.dtype, device=X.device)  # sums 0..5, maxima 6..7
+    torch.mul(Xc, vf, out=base[0:3])
+    base[3] = vf
+    torch.mul(C, vf, out=base[4])
+    base[5] = I
+    torch.add(base[2], pen, out=base[6])
+    torch.sub(pen, base[2], out=base[7])
+    pooled: dict[int, torch.Tensor] = {1: base}
+    out: list[MapLevel] = []
+    for f in factors:
+        f = int(f)
+        if f == 1:
+            out.append(MapLevel(1, camera, Xc, base[4], I))
+            continue
+        if f not in pooled:
+            src_f = max(k for k in pooled if f % k == 0)
+            r = f // src_f
+            S = pooled[src_f]
+            pooled[f] = torch.cat((block_reduce(S[:6], r, "mean"), block_reduce(S[6:], r, "max")))
+        S = pooled[f]
+        frac = S[3]
+        inv = 1.0 / frac.clamp_min(1e-12)
+        Xp = S[0:3] * inv
+        Cp = S[4] * inv
+        ok = (frac >= 0.5) & ((S[6] + S[7]) <= max_spread_ratio * Xp[2].abs())
+        Cp = Cp * ok.to(Cp.dtype)
+        out.append(MapLevel(f, _level_camera(camera, H, W, f), Xp, Cp, S[5]))
+    return out
+
+
+def normals_from_pointmap(X: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit normals (3, h, w) of a channel-first pointmap (3, h, w) by central differences.
+
+    Normals face the camera. Returns normals and (h, w) bool validity (the pixel and its four
+    neighbours valid, non-degenerate); borders are invalid.
+    """
+    _, h, w = X.shape
+    n = torch.zeros_like(X)
+    ok = torch.zeros_like(valid)
+    if h < 3 or w < 3:
+        return n, ok
+    du = X[:, 1:-1, 2:] - X[:, 1:-1, :-2]
+    dv = X[:, 2:, 1:-1] - X[:, :-2, 1:-1]
+    c = torch.stack((du[1] * dv[2] - du[2] * dv[1], du[2] * dv[0] - du[0] * dv[2], du[0] * dv[1] - du[1] * dv[0]))
+    norm = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]).sqrt()
+    Xm = X[:, 1:-1, 1:-1]
+    facing = (c[0] * Xm[0] + c[1] * Xm[1] + c[2] * Xm[2]) > 0
+    sign = (1.0 - 2.0 * facing.to(X.dtype)) / norm.clamp_min(1e-12)
+    n[:, 1:-1, 1:-1] = c * sign
+    v = valid
+    ok[1:-1, 1:-1] = v[1:-1, 2:] & v[1:-1, :-2] & v[2:, 1:-1] & v[:-2, 1:-1] & v[1:-1, 1:-1] & (norm > 0)
+    return n, ok
+
+
+@dataclass
+class ReferenceLevel:
+    """Keyframe maps of one level, channel-first and flattened for gathers.
+
+    Attributes:
+        factor: level factor; camera: its intrinsics (size (w, h)).
+        geo: (7, h*w) float32: point X (3, keyframe camera), normal (3, zero where unknown),
+            confidence (1, 0 = invalid).
+        photo: (3, h*w) float32: intensity in [0, 1], dI/du, dI/dv (per level pixel).
+        n_valid: number of valid keyframe pixels.
+    """
+
+    factor: int
+    camera: PinholeCamera
+    geo: torch.Tensor
+    photo: torch.Tensor
+    n_valid: int
+
+
+def reference_level(level: MapLevel) -> ReferenceLevel:
+    """Flatten the maps of a keyframe level (normals and intensity gradients included)."""
+    valid = level.C > 0
+    n, nok = normals_from_pointmap(level.X, valid)
+    I = level.I
+    gu = torch.zeros_like(I)
+    gv = torch.zeros_like(I)
+    gu[:, 1:-1] = 0.5 * (I[:, 2:] - I[:, :-2])
+    gv[1:-1, :] = 0.5 * (I[2:, :] - I[:-2, :])
+    n = n * nok
+    geo = torch.cat((level.X, n, level.C[None])).reshape(7, -1)
+    photo = torch.stack((I, gu, gv)).reshape(3, -1)
+    return ReferenceLevel(level.factor, level.camera, geo, photo, int(valid.sum()))
+
+
+@dataclass
+class SourceLevel:
+    """Valid frame points of one level, compacted, channel-first.
+
+    Attributes:
+        factor: level factor; camera: its intrinsics.
+        pts: (3, N) points in the frame camera; conf: (N,); intensity: (N,).
+        n_total: valid points before any subsampling (denominator of match fractions).
+        dense: True when no subsampling happened (one point per level pixel).
+    """
+
+    factor: int
+    camera: PinholeCamera
+    pts: torch.Tensor
+    conf: torch.Tensor
+    intensity: torch.Tensor
+    n_total: int
+    dense: bool
+
+    @property
+    def n(self) -> int:
+        """Number of points N."""
+        return int(self.pts.shape[1])
+
+
+def source_level(level: MapLevel, max_points: int, selection: str = "grid") -> SourceLevel:
+    """Compact the valid points of a frame level, selecting at most ~``max_points``.
+
+    Args:
+        level: the frame level.
+        max_points: budget of points; levels with more pixels are subsampled.
+        selection: 'grid' (regular grid subsample) or 'gradient' (half the budget to the
+            pixels of strongest intensity gradient, half to a regular grid).
+    """
+    X, C, I = level.X, level.C, level.I
+    valid = C > 0
+    n_total = int(valid.sum())
+    h, w = C.shape
+    dense = h * w <= max_points
+    if dense:
+        sel = valid.reshape(-1)
+    elif selection == "gradient":
+        budget = max_points // 2
+        s = int(np.ceil(np.sqrt(h * w / max(budget, 1))))
+        grid = torch.zeros_like(valid)
+        grid[s // 2::s, s // 2::s] = True
+        g = torch.zeros_like(I)
+        gx = (I[1:-1, 2:] - I[1:-1, :-2]).abs()
+        gy = (I[2:, 1:-1] - I[:-2, 1:-1]).abs()
+        g[1:-1, 1:-1] = gx + gy
+        score = (g * valid).reshape(-1)
+        k = min(budget, n_total)
+        top = torch.topk(score, k, sorted=False).indices if k > 0 else score.new_zeros(0, dtype=torch.long)
+        sel = grid.reshape(-1).clone()
+        sel[top] = True
+        sel &= valid.reshape(-1)
+    else:
+        s = int(np.ceil(np.sqrt(h * w / max_points)))
+        grid = torch.zeros_like(valid)
+        grid[s // 2::s, s // 2::s] = True
+        sel = (grid & valid).reshape(-1)
+    idx = sel.nonzero()[:, 0]
+    stack = torch.cat((X.reshape(3, -1), C.reshape(1, -1), I.reshape(1, -1))).index_select(1, idx)
+    return SourceLevel(level.factor, level.camera, stack[0:3], stack[3], stack[4], n_total, dense)
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class TrackResult:
+    """Outcome of one pose solve.
+
+    Attributes:
+        T_kf_frame: (4, 4) float64 numpy estimate (Sim(3) when not metric).
+        success: solve converged to a finite, plausible pose with enough valid matches.
+        n_valid: valid matches at the statistics level; valid_fraction: over valid frame points.
+        unique_fraction: fraction of valid keyframe pixels matched (statistics level).
+        information: (6, 6) or (7, 7) float64 final Hessian (finest level) for the backend.
+        cost: final mean weighted cost; iterations: total GN iterations.
+        reason: why it failed ('' on success).
+        inlier_fraction: valid matches that also agree geometrically / photometrically
+            (see :meth:`Tracker.match_statistics`), over valid frame points.
+    """
+
+    T_kf_frame: np.ndarray
+    success: bool
+    n_valid: int = 0
+    valid_fraction: float = 0.0
+    unique_fraction: float = 0.0
+    information: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
+    cost: float = float("inf")
+    iterations: int = 0
+    reason: str = ""
+    inlier_fraction: float = 0.0
+
+
+# ---------------------------------------------------------------------------- residuals
+# Layout: points are channel-first (3, N); a residual block of R rows is r (R, N) with
+# gradients wrt the transformed point G (R, 3, N) and Jacobian rows J (R, d, N).
+def jacobian_components(G: torch.Tensor, q: torch.Tensor, sim3: bool = False) -> torch.Tensor:
+    """Jacobian wrt a LEFT pose perturbation, component-major: (d, R, N).
+
+    For ``q = T x`` and ``T <- exp(delta) T``: ``dq/d delta = [I, -hat(q) (, q)]``, so a
+    residual row with gradient ``g = dr/dq`` has Jacobian ``[g, q x g (, g . q)]``.
+
+    Args:
+        G: (R, 3, N) gradients of R residual rows; q: (3, N) transformed points.
+    """
+    gx, gy, gz = G[:, 0], G[:, 1], G[:, 2]
+    qx, qy, qz = q[0], q[1], q[2]
+    rows = [gx, gy, gz, qy * gz - qz * gy, qz * gx - qx * gz, qx * gy - qy * gx]
+    if sim3:
+        rows.append(gx * qx + gy * qy + gz * qz)
+    return torch.stack(rows)
+
+
+def jacobian_rows(G: torch.Tensor, q: torch.Tensor, sim3: bool = False) -> torch.Tensor:
+    """Jacobian rows (R, 6|7, N) from gradients G (R, 3, N) (see :func:`jacobian_components`)."""
+    return jacobian_components(G, q, sim3).permute(1, 0, 2)
+
+
+def grad_pixel_depth(q: torch.Tensor, y: torch.Tensor, camera: PinholeCamera) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual (3, N) ``[pi(q) - pi(y), log z_q - log z_y]`` and its gradient wrt q (3, 3, N)."""
+    iz = 1.0 / q[2].clamp_min(1e-9)
+    izy = 1.0 / y[2].clamp_min(1e-9)
+    xq, yq = q[0] * iz, q[1] * iz
+    r = torch.stack((
+        camera.fx * (xq - y[0] * izy),
+        camera.fy * (yq - y[1] * izy),
+        torch.log(q[2].clamp_min(1e-9) * izy),
+    ))
+    zero = torch.zeros_like(iz)
+    G = torch.stack((
+        torch.stack((camera.fx * iz, zero, -camera.fx * xq * iz)),
+        torch.stack((zero, camera.fy * iz, -camera.fy * yq * iz)),
+        torch.stack((zero, zero, iz)),
+    ))
+    return r, G
+
+
+def grad_ray_dist(q: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual (4, N) ``[q/|q| - y/|y|, |q| - |y|]`` and its gradient wrt q (4, 3, N)."""
+    nq = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2]).sqrt().clamp_min(1e-12)
+    ny = (y[0] * y[0] + y[1] * y[1] + y[2] * y[2]).sqrt().clamp_min(1e-12)
+    inq = 1.0 / nq
+    dq = q * inq
+    r = torch.cat((dq - y / ny, (nq - ny)[None]))
+    eye = torch.eye(3, dtype=q.dtype, device=q.device)
+    Gr = (eye[:, :, None] - dq[:, None, :] * dq[None, :, :]) * inq  # (3, 3, N), symmetric
+    return r, torch.cat((Gr, dq[None]))
+
+
+def grad_point_to_plane(q: torch.Tensor, y: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual (1, N) ``n . (q - y)`` and its gradient wrt q (1, 3, N)."""
+    d = q - y
+    r = (n[0] * d[0] + n[1] * d[1] + n[2] * d[2])[None]
+    return r, n[None]
+
+
+def grad_photometric(
+    q: torch.Tensor, i_kf: torch.Tensor, grad_kf: torch.Tensor, i_frame: torch.Tensor, camera: PinholeCamera
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual (1, N) ``I_kf(pi(q)) - I_frame`` and its gradient wrt q (1, 3, N)."""
+    iz = 1.0 / q[2].clamp_min(1e-9)
+    gu = grad_kf[0] * (camera.fx * iz)
+    gv = grad_kf[1] * (camera.fy * iz)
+    g = torch.stack((gu, gv, -(gu * q[0] + gv * q[1]) * iz))
+    return (i_kf - i_frame)[None], g[None]
+
+
+def residual_pixel_depth(
+    q: torch.Tensor, y: torch.Tensor, camera: PinholeCamera, sim3: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrated residual of matched points: reprojection (2, pixels) and log-depth (1).
+
+    Args:
+        q: (3, N) frame points in the keyframe camera (``T_kf_frame x``).
+        y: (3, N) matched keyframe points (keyframe camera).
+        camera: keyframe intrinsics.
+
+    Returns:
+        r: (3, N) ``[pi(q) - pi(y), log z_q - log z_y]``; J: (3, 6|7, N) wrt a left
+        perturbation of ``T_kf_frame`` (``y`` fixed).
+    """
+    r, G = grad_pixel_depth(q, y, camera)
+    return r, jacobian_rows(G, q, sim3)
+
+
+def residual_ray_dist(q: torch.Tensor, y: torch.Tensor, sim3: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uncalibrated residual of matched points: ray direction (3) and distance (1).
+
+    Args:
+        q: (3, N) frame points in the keyframe camera; y: (3, N) matched keyframe points.
+
+    Returns:
+        r: (4, N) ``[q/|q| - y/|y|, |q| - |y|]``; J: (4, 6|7, N) wrt a left perturbation.
+    """
+    r, G = grad_ray_dist(q, y)
+    return r, jacobian_rows(G, q, sim3)
+
+
+def residual_point_to_plane(
+    q: torch.Tensor, y: torch.Tensor, n: torch.Tensor, sim3: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-to-plane distance ``n . (q - y)`` (1, N) and its Jacobian (1, 6|7, N).
+
+    Args:
+        q, y, n: (3, N) frame point in the keyframe, keyframe point and keyframe normal.
+    """
+    r, G = grad_point_to_plane(q, y, n)
+    return r, jacobian_rows(G, q, sim3)
+
+
+def residual_photometric(
+    q: torch.Tensor, i_kf: torch.Tensor, grad_kf: torch.Tensor, i_frame: torch.Tensor,
+    camera: PinholeCamera, sim3: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photometric residual ``I_kf(pi(q)) - I_frame`` (1, N) and its Jacobian (1, 6|7, N).
+
+    Args:
+        q: (3, N) frame points in the keyframe camera; i_kf: (N,) keyframe intensity at
+            ``pi(q)``; grad_kf: (2, N) its image gradient (per pixel); i_frame: (N,).
+    """
+    r, G = grad_photometric(q, i_kf, grad_kf, i_frame, camera)
+    return r, jacobian_rows(G, q, sim3)
+
+
+def huber_weights(e: torch.Tensor, k: float) -> torch.Tensor:
+    """IRLS weights of the Huber loss for whitened residual norms ``e`` (...): min(1, k / e)."""
+    return (k / e.clamp_min(1e-12)).clamp_max(1.0)
+
+
+# ---------------------------------------------------------------------------- updates
+def solve_normal_equations(H: np.ndarray, g: np.ndarray, damping: float = 0.0) -> Optional[np.ndarray]:
+    """Gauss-Newton step ``dx = -(H + damping diag(H))^-1 g`` by Cholesky (float64).
+
+    Args:
+        H: (d, d) symmetric positive (semi-)definite; g: (d,).
+
+    Returns:
+        (d,) step, or None when the system is singular / not finite.
+    """
+    Hd = H + np.diag(np.diag(H) * damping + 1e-12 * max(float(np.abs(np.diag(H)).max()), 1e-30))
+    try:
+        L = np.linalg.cholesky(Hd)
+    except np.linalg.LinAlgError:
+        return None
+    dx = -np.linalg.solve(L.T, np.linalg.solve(L, g))
+    return dx if np.all(np.isfinite(dx)) else None
+
+
+def _rodrigues(phi: np.ndarray) -> np.ndarray:
+    """(3,) rotation vector -> (3, 3) rotation matrix (float64)."""
+    th = float(np.linalg.norm(phi))
+    K = np.array([[0.0, -phi[2], phi[1]], [phi[2], 0.0, -phi[0]], [-phi[1], phi[0], 0.0]])
+    if th < 1e-8:
+        return np.eye(3) + K + 0.5 * K @ K
+    return np.eye(3) + np.sin(th) / th * K + (1.0 - np.cos(th)) / (th * th) * K @ K
+
+
+def retract(T: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Left retraction of a pose: ``T <- [e^sigma R(phi), rho] T`` (float64).
+
+    Agrees with ``exp(dx) @ T`` (:func:`recon_slam.geometry.lie.se3_exp` /
+    :func:`~recon_slam.geometry.lie.sim3_exp`) to first order, which is all Gauss-Newton
+    needs, at a fraction of the cost for one pose.
+
+    Args:
+        T: (4, 4) SE(3) / Sim(3) matrix; dx: (6,) ``(rho, phi)`` or (7,) ``(rho, phi, sigma)``.
+    """
+    A = _rodrigues(dx[3:6])
+    if dx.shape[0] == 7:
+        A = A * np.exp(dx[6])
+    out = np.empty_like(T)
+    out[:3, :3] = A @ T[:3, :3]
+    out[:3, 3] = A @ T[:3, 3] + dx[:3]
+    out[3] = (0.0, 0.0, 0.0, 1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------- tracker
+class Tracker:
+    """Dense frame-to-keyframe pose estimation (see the module docstring).
+
+    Args:
+        config: tracking settings.
+        metric: SE(3) when true, Sim(3) otherwise.
+    """
+
+    def __init__(self, config: TrackingConfig, metric: bool = True) -> None:
+        self.config = config
+        self.metric = metric
+
+    @property
+    def dof(self) -> int:
+        """6 (SE(3)) or 7 (Sim(3))."""
+        return 6 if self.metric else 7
+
+    # ------------------------------------------------------------------ one linearisation
+    def associate(self, T: torch.Tensor, src: SourceLevel, ref: ReferenceLevel) -> dict:
+        """Projective association of the frame points at pose ``T`` (4, 4) = ``T_kf_frame``.
+
+        Returns a dict: ``q`` (3, N) points in the keyframe, ``u``, ``v`` (N,) projections,
+        ``iz`` (N,) inverse depths, ``idx`` (N,) nearest keyframe pixel, ``geo`` (7, N)
+        keyframe maps there (nearest pixel), ``d`` (3, N) = ``q - y``, ``valid`` (N,) bool
+        (in the image, in front, keyframe point valid, not occluded).
+        """
+        cam = ref.camera
+        W, H = cam.width, cam.height
+        q = torch.addmm(T[:3, 3:4], T[:3, :3], src.pts)
+        iz = q[2].clamp_min(1e-6).reciprocal()
+        u = (q[0] * iz).mul_(cam.fx).add_(cam.cx)
+        v = (q[1] * iz).mul_(cam.fy).add_(cam.cy)
+        ui = torch.round(u)
+        vi = torch.round(v)
+        inside = (ui >= 0) & (ui <= W - 1) & (vi >= 0) & (vi <= H - 1) & (q[2] > 1e-3)
+        idx = (vi.clamp(0, H - 1) * W + ui.clamp(0, W - 1)).long()
+        geo = ref.geo.index_select(1, idx)
+        d = q - geo[0:3]
+        occ = self.config.occlusion_distance
+        valid = inside & (geo[6] > 0) & ((d * d).sum(0) <= occ * occ)
+        return {"q": q, "u": u, "v": v, "ui": ui, "vi": vi, "iz": iz, "idx": idx, "geo": geo, "d": d,
+                "valid": valid}
+
+    def linearise(
+        self, T: torch.Tensor, src: SourceLevel, ref: ReferenceLevel, need_system: bool = True
+    ) -> dict:
+        """Residuals and normal equations of all terms at pose ``T`` (4, 4) = ``T_kf_frame``.
+
+        Returns the :meth:`associate` dict plus ``H`` (d, d), ``g`` (d,) and ``cost`` (sum of
+        weighted squared whitened residuals) when ``need_system``.
+        """
+        cfg = self.config
+        sim3 = not self.metric
+        cam = ref.camera
+        out = self.associate(T, src, ref)
+        if not need_system:
+            return out
+        q, geo, valid, iz, d = out["q"], out["geo"], out["valid"], out["iz"], out["d"]
+        vm = valid.to(q.dtype)
+        c_kf = geo[6]
+        # confidence weight of geometric terms: harmonic combination (1 when both are 1)
+        cw = (src.conf * c_kf).div_((src.conf + c_kf).clamp_min_(1e-12)).mul_(vm).mul_(2.0)
+        k = cfg.huber_k
+        zero = torch.zeros_like(iz)
+        rows_r: list[torch.Tensor] = []
+        rows_G: list[torch.Tensor] = []
+        rows_w: list[torch.Tensor] = []
+
+        def block(rs: list, Gs: list, sigmas: Sequence[float], weight: torch.Tensor) -> None:
+            # Huber on the whitened norm of the block of each point (IRLS weights)
+            inv2 = [1.0 / (sg * sg) for sg in sigmas]
+            e2 = rs[0] * rs[0] * inv2[0]
+            for r_i, s_i in zip(rs[1:], inv2[1:]):
+                e2 = e2 + r_i * r_i * s_i
+            wb = weight * (k / (e2 * weight).sqrt_().clamp_min_(1e-12)).clamp_max_(1.0)
+            for r_i, G_i, s_i in zip(rs, Gs, inv2):
+                rows_r.append(r_i)
+                rows_G.append(G_i)
+                rows_w.append(wb * s_i)
+
+        if cfg.match_weight > 0:
+            y = geo[0:3]
+            full = cfg.projective_direction_rows
+            if cfg.residual == "pixel_depth":
+                r, G = grad_pixel_depth(q, y, cam) if full else (None, None)
+                r_d = torch.log(q[2].clamp_min(1e-9) / y[2].clamp_min(1e-9))
+                G_d = torch.stack((zero, zero, iz))
+                if full:
+                    block([r[0], r[1], r_d], [G[0], G[1], G_d], [cfg.sigma_pixel] * 2 + [cfg.sigma_depth],
+                          cw * cfg.match_weight)
+                else:
+                    block([r_d], [G_d], [cfg.sigma_depth], cw * cfg.match_weight)
+            else:
+                r, G = grad_ray_dist(q, y)
+                if full:
+                    block(list(r), list(G), [cfg.sigma_ray] * 3 + [cfg.sigma_dist], cw * cfg.match_weight)
+                else:
+                    block([r[3]], [G[3]], [cfg.sigma_dist], cw * cfg.match_weight)
+        if cfg.point_to_plane:
+            n = geo[3:6]
+            r_p = (n * d).sum(0)
+            block([r_p], [n], [cfg.sigma_plane], cw * (n[2] != 0).to(q.dtype))
+        if cfg.photometric and src.intensity is not None:
+            i_kf, grad = self._sample_photo(out, ref)
+            gu = grad[0] * (cam.fx * iz)
+            gv = grad[1] * (cam.fy * iz)
+            gz = -(gu * q[0] + gv * q[1]) * iz
+            block([i_kf - src.intensity], [torch.stack((gu, gv, gz))], [cfg.sigma_photo], vm)
+        G = torch.stack(rows_G)  # (R, 3, N)
+        r = torch.stack(rows_r).mul_(vm)  # (R, N), zero for invalid matches
+        w = torch.stack(rows_w)  # (R, N), zero for invalid matches
+        J = jacobian_components(G, q, sim3).reshape(self.dof, -1)  # (d, R*N)
+        Jw = J * w.reshape(1, -1)
+        H = Jw @ J.T
+        g = Jw @ r.reshape(-1)
+        out.update(H=H, g=g, cost=(w * r * r).sum())
+        return out
+
+    @staticmethod
+    def _sample_photo(assoc: dict, ref: ReferenceLevel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keyframe intensity (N,) and its gradient (2, N) at the projections.
+
+        Intensity, gradient at the nearest pixel and first-order (gradient) interpolation
+        to the sub-pixel position: one gather instead of four.
+        """
+        p = ref.photo.index_select(1, assoc["idx"])  # (3, N): I, dI/du, dI/dv
+        du = assoc["u"] - assoc["ui"]
+        dv = assoc["v"] - assoc["vi"]
+        val = p[0] + p[1] * du + p[2] * dv
+        return val, p[1:3]
+
+    # ------------------------------------------------------------------ solve
+    def track(
+        self,
+        sources: Sequence[SourceLevel],
+        references: Sequence[ReferenceLevel],
+        T_init: np.ndarray,
+        stats_level: Optional[int] = None,
+    ) -> TrackResult:
+        """Estimate ``T_kf_frame`` coarse to fine.
+
+        Args:
+            sources: frame levels (coarse to fine); references: keyframe levels, same factors.
+            T_init: (4, 4) initial ``T_kf_frame``.
+            stats_level: level index used for the match statistics (default: the finest
+                dense level).
+
+        Returns:
+            :class:`TrackResult`.
+        """
+        cfg = self.config
+        dev = sources[0].pts.device
+        T = np.array(T_init, dtype=np.float64).reshape(4, 4)
+        iters_total = 0
+        H_last = None
+        cost = float("inf")
+        for li, (src, ref) in enumerate(zip(sources, references)):
+            n_iter = cfg.iterations[li] if li < len(cfg.iterations) else cfg.iterations[-1]
+            if src.n < 10 or ref.n_valid < 10:
+                continue
+            # Levenberg-Marquardt: a step that raises the (re-associated, per-match) cost is
+            # undone and retried with 10x the damping; accepted steps divide it by 10.
+            lam = cfg.damping
+            best = None  # (T, H, g, cost) of the last accepted linearisation point
+            for it in range(n_iter):
+                lin = self.linearise(torch.from_numpy(T.astype(np.float32)).to(dev), src, ref)
+                n_valid = int(lin["valid"].sum())
+                cost = float(lin["cost"]) / max(n_valid, 1)
+                if n_valid < self.dof * 3 or not np.isfinite(cost):
+                    if best is None:
+                        return TrackResult(T, False, n_valid, 0.0, reason="too few valid matches")
+                    cost = float("inf")
+                if best is not None and cost > best[3]:
+                    T, H, g, _ = best  # reject the step
+                    lam = min(lam * 10.0, 1e4)
+                else:
+                    H = lin["H"].double().cpu().numpy()
+                    g = lin["g"].double().cpu().numpy()
+                    converged = best is not None and best[3] - cost < cfg.rel_cost_tolerance * best[3]
+                    best = (T, H, g, cost)
+                    H_last = H
+                    lam = max(lam * 0.1, cfg.damping)
+                    if converged:
+                        break  # the last step no longer decreased the cost noticeably
+                dx = solve_normal_equations(H, g, lam)
+                if dx is None:
+                    return TrackResult(T, False, n_valid, reason="singular normal equations")
+                iters_total += 1
+                if float(np.linalg.norm(dx)) < cfg.step_tolerance:
+                    break
+                T = retract(T, dx)
+            if best is not None:
+                cost = best[3]
+        if H_last is None:
+            return TrackResult(T, False, reason="no valid points")
+        T_np = T
+        # statistics with the final pose
+        si = self._stats_level(sources) if stats_level is None else stats_level
+        valid_fraction, unique, n_valid, inliers = self.match_statistics(T_np, sources[si], references[si])
+        # information for the backend: the last Hessian of the finest level
+        info = H_last
+        res = TrackResult(T_np, True, n_valid, valid_fraction, unique, info, cost, iters_total,
+                          inlier_fraction=inliers)
+        # plausibility
+        if not np.all(np.isfinite(T_np)):
+            res.success, res.reason = False, "non-finite pose"
+        else:
+            T0 = np.asarray(T_init, dtype=np.float64)
+            dt = np.linalg.norm(T_np[:3, 3] - T0[:3, 3])
+            R0 = T0[:3, :3] / np.cbrt(np.linalg.det(T0[:3, :3]))
+            R1 = T_np[:3, :3] / np.cbrt(np.linalg.det(T_np[:3, :3]))
+            ang = np.arccos(np.clip((np.trace(R0.T @ R1) - 1) / 2, -1, 1))
+            if dt > cfg.max_translation_jump or ang > cfg.max_rotation_jump:
+                res.success, res.reason = False, f"implausible jump ({dt:.3f} m, {np.degrees(ang):.1f} deg)"
+            elif valid_fraction < cfg.min_valid_fraction:
+                res.success, res.reason = False, f"valid match fraction {valid_fraction:.3f} below threshold"
+        return res
+
+    def solve_matched(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        T_init: np.ndarray,
+        weights: Optional[torch.Tensor] = None,
+        camera: Optional[PinholeCamera] = None,
+        iterations: int = 50,
+    ) -> TrackResult:
+        """Pose from fixed correspondences with the main residual (matcher-based tracking).
+
+        This is the solve of the network path: matches come from a matcher (e.g.
+        :func:`recon_slam.frontend.matching.ray_match`) and stay fixed; all rows of the main
+        residual are used ('pixel_depth' needs ``camera``, the keyframe intrinsics).
+
+        Args:
+            x: (3, N) frame points (frame camera); y: (3, N) matched keyframe points.
+            T_init: (4, 4) initial ``T_kf_frame``.
+            weights: (N,) confidence weights (default 1; 0 drops a match).
+            iterations: Gauss-Newton iterations at most (stops when the step is below
+                ``step_tolerance``).
+
+        Matches further apart in 3D than ``max(occlusion_distance, 3 x median distance)`` at
+        the current estimate are ignored (occlusions and gross mismatches; the gate shrinks
+        to ``occlusion_distance`` as the solve converges), the rest are Huber-weighted.
+
+        Returns:
+            :class:`TrackResult` (valid fraction = matches with positive weight; inlier
+            fraction = matches inside the gate whose Huber weight stayed 1 at the end).
+        """
+        cfg = self.config
+        sim3 = not self.metric
+        w0 = torch.ones_like(x[0]) if weights is None else weights.to(x.dtype)
+        if cfg.residual == "pixel_depth" and camera is None:
+            raise ValueError("solve_matched with residual 'pixel_depth' needs the keyframe camera")
+        sig = ([cfg.sigma_pixel, cfg.sigma_pixel, cfg.sigma_depth] if cfg.residual == "pixel_depth"
+               else [cfg.sigma_ray] * 3 + [cfg.sigma_dist])
+        inv2 = torch.tensor([1.0 / (v * v) for v in sig], dtype=x.dtype, device=x.device)[:, None]
+        T = np.array(T_init, dtype=np.float64).reshape(4, 4)
+        H = None
+        hw = torch.ones_like(w0)
+        it = 0
+        for it in range(1, iterations + 1):
+            Tt = torch.from_numpy(T).to(x)
+            q = torch.addmm(Tt[:3, 3:4], Tt[:3, :3], x)
+            if cfg.residual == "pixel_depth":
+                r, G = grad_pixel_depth(q, y, camera)
+                wv = w0 * ((q[2] > 1e-3) & (y[2] > 1e-3)).to(x.dtype)  # in front of both cameras
+            else:
+                r, G = grad_ray_dist(q, y)
+                wv = w0
+            # gate gross mismatches by 3D distance (occlusion test), annealed while converging
+            dd = q - y
+            dist = (dd * dd).sum(0).sqrt()
+            live = wv > 0
+            if bool(live.any()):
+                gate = max(cfg.occlusion_distance, 3.0 * float(dist[live].median()))
+                wv = wv * (dist <= gate).to(x.dtype)
+            r = r * (wv > 0).to(x.dtype)
+            e = ((r * r * inv2).sum(0) * wv).sqrt()
+            hw = huber_weights(e, cfg.huber_k)
+            w = (wv * hw)[None] * inv2  # (R, N)
+            J = jacobian_components(G, q, sim3).reshape(self.dof, -1)
+            Jw = J * w.reshape(1, -1)
+            H = (Jw @ J.T).double().cpu().numpy()
+            g = (Jw @ r.reshape(-1)).double().cpu().numpy()
+            dx = solve_normal_equations(H, g, cfg.damping)
+            if dx is None:
+                return TrackResult(T, False, reason="singular normal equations")
+            T = retract(T, dx)
+            if float(np.linalg.norm(dx)) < cfg.step_tolerance:
+                break
+        n = int(x.shape[1])
+        n_valid = int((w0 > 0).sum())
+        inl = int(((wv > 0) & (hw >= 0.999)).sum())
+        return TrackResult(T, bool(np.all(np.isfinite(T))), n_valid, n_valid / max(n, 1), 0.0,
+                           H, 0.0, it, inlier_fraction=inl / max(n, 1))
+
+    def _stats_level(self, sources: Sequence[SourceLevel]) -> int:
+        dense = [i for i, s in enumerate(sources) if s.dense]
+        return dense[-1] if dense else len(sources) - 1
+
+    def match_statistics(
+        self, T_kf_frame: np.ndarray, src: SourceLevel, ref: ReferenceLevel
+    ) -> tuple[float, float, int, float]:
+        """Match statistics at pose ``T_kf_frame``.
+
+        Returns:
+            (valid match fraction, unique keyframe pixel fraction, n_valid, inlier fraction).
+            Fractions of matches are over the frame's valid points of the level, the unique
+            fraction over the keyframe's valid pixels of the level; inliers are valid matches
+            whose geometric error (point-to-plane, else point distance) is below
+            ``inlier_distance`` and, with the photometric term, whose intensity error is below
+            ``inlier_intensity``.
+        """
+        cfg = self.config
+        T = torch.as_tensor(np.asarray(T_kf_frame), dtype=torch.float32, device=src.pts.device)
+        a = self.associate(T, src, ref)
+        valid, idx = a["valid"], a["idx"]
+        n_valid = int(valid.sum())
+        n_src = src.n if not src.dense else src.n_total
+        vf = n_valid / max(n_src, 1)
+        cam = ref.camera
+        uf = unique_fraction(idx, valid, cam.width * cam.height, ref.n_valid)
+        if not src.dense:  # subsampled sources cannot hit every keyframe pixel
+            uf = min(1.0, uf * (src.n_total / max(src.n, 1)))
+        q, geo = a["q"], a["geo"]
+        d = q - geo[0:3]
+        n = geo[3:6]
+        plane = (n * d).sum(0).abs()
+        dist = (d * d).sum(0).sqrt()
+        has_n = n[2] != 0
+        geo_err = torch.where(has_n, plane, dist)
+        inl = valid & (geo_err <= cfg.inlier_distance)
+        if cfg.photometric and src.intensity is not None:
+            i_kf, _ = self._sample_photo(a, ref)
+            inl &= (i_kf - src.intensity).abs() <= cfg.inlier_intensity
+        return vf, uf, n_valid, int(inl.sum()) / max(n_src, 1)
+
+
+def source_levels(
+    X: torch.Tensor, C: torch.Tensor, image: torch.Tensor, camera: PinholeCamera, factors: Sequence[int],
+    max_points: int | Sequence[int], max_spread_ratio: float = 0.05, selection: str = "grid",
+) -> list[SourceLevel]:
+    """Frame points of every level (coarse to fine, one per factor) ready for :meth:`Tracker.track`.
+
+    Args:
+        X: (H, W, 3) frame pointmap (frame camera); C: (H, W); image: (H, W, 3) uint8;
+            camera: intrinsics of X at processing resolution.
+        max_points: point budget per level (one number for all, or one per level);
+        selection: see :func:`source_level`.
+    """
+    levels = build_pyramid(X, C, image, camera, factors, max_spread_ratio)
+    budgets = list(max_points) if isinstance(max_points, (list, tuple)) else [max_points] * len(levels)
+    budgets += [budgets[-1]] * (len(levels) - len(budgets))
+    return [source_level(lv, int(b), selection) for lv, b in zip(levels, budgets)]

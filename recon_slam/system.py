@@ -1,0 +1,574 @@
+"""The SLAM engine object shared by the command line, the ROS nodes and the tests.
+
+:class:`SlamSystem` consumes :class:`~recon_slam.io.frame.Frame` objects one at a time:
+
+1. the pointmap predictor (depth camera or stereo matcher) gives a pointmap + confidence
+   at processing resolution;
+2. the tracker estimates ``T_kf_frame`` against the current keyframe (initialised from the
+   previous frame, optionally with constant velocity);
+3. the frame is fused into the keyframe, and becomes a new keyframe when
+   ``min(valid match fraction, unique keyframe pixel fraction) < threshold``;
+4. new keyframes go to the backend (own thread, if enabled and available), which may move
+   the keyframe poses at any time.
+
+Frame poses are stored relative to their keyframe, so :meth:`SlamSystem.trajectory`
+follows every backend optimisation. Lost frames (empty/black input, too few valid matches,
+failed solve) keep the last good pose; the following frames try to relocalise (backend hook
+first, else the most recent keyframes) and continue in the same map.
+
+This module never imports rclpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from recon_slam.config import SlamConfig, load_config
+from recon_slam.frontend.keyframes import Keyframe, KeyframeMap, need_new_keyframe
+from recon_slam.frontend.predictors import Prediction, make_predictor
+from recon_slam.frontend.tracking import SourceLevel, Tracker, TrackResult, source_levels
+from recon_slam.geometry.camera import PinholeCamera
+from recon_slam.io.frame import Frame
+
+log = logging.getLogger(__name__)
+
+#: frame states reported by :meth:`SlamSystem.process`
+STATES = ("initialising", "tracking", "lost", "relocalised")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from recon_slam.errors import ReconSlamError
+
+        raise ReconSlamError(f"device {name!r} requested but CUDA is not available: use device 'auto' or 'cpu'")
+    return dev
+
+
+@dataclass
+class FrameResult:
+    """What :meth:`SlamSystem.process` reports for one frame.
+
+    Attributes:
+        index, stamp: of the frame.
+        T_world_cam: (4, 4) float64 pose at the time of processing (later backend
+            optimisations move it; :meth:`SlamSystem.trajectory` has the final one).
+        state: 'initialising', 'tracking', 'lost' or 'relocalised'.
+        is_keyframe: the frame became a keyframe; kf_id: its reference keyframe.
+        n_valid, valid_fraction, unique_fraction: tracking match statistics.
+        time_ms: processing time of the frame.
+        reason: why the frame is lost ('' otherwise).
+    """
+
+    index: int
+    stamp: float
+    T_world_cam: np.ndarray
+    state: str
+    is_keyframe: bool
+    kf_id: int
+    n_valid: int = 0
+    valid_fraction: float = 0.0
+    unique_fraction: float = 0.0
+    time_ms: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class _FrameRecord:
+    index: int
+    stamp: float
+    kf_id: int
+    T_kf_frame: np.ndarray
+    state: str
+
+
+def _load_backend_class():
+    try:
+        from recon_slam import backend as backend_pkg
+    except ImportError:  # pragma: no cover
+        return None
+    return getattr(backend_pkg, "Backend", None)
+
+
+def _rigid(T: np.ndarray) -> np.ndarray:
+    """Drop the scale of a Sim(3) matrix (4, 4) -> SE(3)."""
+    s = np.cbrt(np.linalg.det(T[:3, :3]))
+    if abs(s - 1.0) < 1e-9:
+        return T
+    out = T.copy()
+    out[:3, :3] /= s
+    return out
+
+
+class SlamSystem:
+    """The SLAM engine.
+
+    Args:
+        config: a :class:`SlamConfig`, a mapping or a YAML path (see :func:`load_config`);
+            ``None`` for the defaults.
+        camera: intrinsics of the incoming frames (optional: each frame carries its own).
+        backend: optional backend object to use instead of creating one (must offer
+            ``add_keyframe``, ``relocalize``, ``wait_idle``, ``close``); ``False`` disables it.
+    """
+
+    def __init__(self, config: SlamConfig | dict | str | None = None, camera: Optional[PinholeCamera] = None,
+                 backend: Any = None) -> None:
+        self.config = config if isinstance(config, SlamConfig) else load_config(config)
+        self.config.validate()
+        self.device = resolve_device(self.config.device)
+        if self.config.cpu_threads > 0 and torch.get_num_threads() != self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
+        self.camera = camera
+        self.predictor = make_predictor(self.config.mode, self.config.predictor, self.device)
+        self.tracker = Tracker(self.config.tracking, metric=self.predictor.metric)
+        self.keyframe_map = KeyframeMap()
+        self._lock = threading.RLock()
+        self.backend = None
+        if backend is False:
+            self.backend = None
+        elif backend is not None:
+            self.backend = backend
+        elif self.config.backend.enabled:
+            cls = _load_backend_class()
+            if cls is None:
+                log.info("backend enabled but recon_slam.backend.Backend is not available: running frontend only")
+            else:
+                self.backend = cls(self.config.backend, self.keyframe_map, self.device)
+        self._reset_state()
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self._records: list[_FrameRecord] = []
+        self._kf_id: Optional[int] = None
+        self._T_kf_last: Optional[np.ndarray] = None  # last good T_kf_frame (current kf)
+        self._T_world_prev: Optional[np.ndarray] = None  # last two good world poses
+        self._T_world_prev2: Optional[np.ndarray] = None
+        self._lost_since: Optional[int] = None
+        self._n_lost = 0
+        self._n_frames = 0
+        self._n_reloc = 0
+        self._time_s = 0.0
+        self._last_info: Optional[np.ndarray] = None
+        self._stage_s: dict[str, float] = {}
+        self._last_good_index: Optional[int] = None
+        self._n_reloc_fail = 0
+
+    def reset(self) -> None:
+        """Forget the map and the trajectory (the backend, if any, is restarted)."""
+        with self._lock:
+            if self.backend is not None and hasattr(self.backend, "reset"):
+                self.backend.reset()
+            elif self.backend is not None:
+                self.backend.close()
+                cls = _load_backend_class()
+                self.keyframe_map = KeyframeMap()
+                self.backend = cls(self.config.backend, self.keyframe_map, self.device) if cls else None
+            self.keyframe_map.clear()
+            self._reset_state()
+
+    def close(self) -> None:
+        """Stop the backend thread (idempotent)."""
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            finally:
+                self.backend = None
+
+    def finish(self) -> None:
+        """Wait until the backend has processed every queued keyframe."""
+        if self.backend is not None and hasattr(self.backend, "wait_idle"):
+            self.backend.wait_idle()
+
+    def __enter__(self) -> "SlamSystem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_keyframes(self) -> int:
+        """Number of keyframes in the map."""
+        return len(self.keyframe_map)
+
+    @property
+    def current_keyframe_id(self) -> Optional[int]:
+        """Id of the keyframe frames are tracked against (None before the first one)."""
+        return self._kf_id
+
+    def _levels(self, pred: Prediction) -> list[SourceLevel]:
+        t = self.config.tracking
+        return source_levels(pred.X_cam, pred.C, pred.image, pred.camera, t.pyramid, t.max_points,
+                             self.config.predictor.discontinuity_ratio, t.point_selection)
+
+    def _track(self, kf: Keyframe, sources: list[SourceLevel], T_init: np.ndarray) -> TrackResult:
+        refs = kf.references(self.config.tracking.pyramid, self.config.predictor.discontinuity_ratio,
+                             max_age=self.config.keyframes.refresh_interval - 1)
+        return self.tracker.track(sources, refs, T_init)
+
+    def _is_blank(self, frame: Frame, pred: Prediction) -> str:
+        img = np.asarray(frame.image)
+        if img.size == 0 or int(img.max()) <= 2:
+            return "black image"
+        if pred.valid_fraction <= 0.01:
+            return "no valid depth" if self.config.mode == "rgbd" else "no valid disparity"
+        return ""
+
+    def _new_keyframe(self, frame: Frame, pred: Prediction, T_world_kf: np.ndarray) -> Keyframe:
+        kf = Keyframe(
+            id=self.keyframe_map.next_id(),
+            frame_index=frame.index,
+            stamp=float(frame.stamp),
+            camera=pred.camera,
+            image=pred.image,
+            X=pred.X_cam.clone(),
+            C=pred.C.clone(),
+            metric=self.predictor.metric,
+            D=pred.D,
+            Q=pred.Q,
+            calibrated=True,
+        )
+        self.keyframe_map.add(kf, T_world_kf)
+        return kf
+
+    def _pose_world(self, kf_id: int, T_kf_frame: np.ndarray) -> np.ndarray:
+        return _rigid(self.keyframe_map.pose(kf_id) @ T_kf_frame)
+
+    def _predict_init(self, kf_id: int) -> np.ndarray:
+        """Initial T_kf_frame: last pose, extrapolated with constant velocity if enabled."""
+        T_last = self._T_kf_last if self._T_kf_last is not None else np.eye(4)
+        if (self.config.tracking.constant_velocity and self._T_world_prev is not None
+                and self._T_world_prev2 is not None):
+            V = np.linalg.inv(self._T_world_prev2) @ self._T_world_prev
+            return T_last @ V
+        return T_last
+
+    def _push_good_pose(self, T_world: np.ndarray, reset_velocity: bool = False) -> None:
+        self._T_world_prev2 = None if reset_velocity else self._T_world_prev
+        self._T_world_prev = T_world
+
+    # ------------------------------------------------------------------ main entry
+    def process(self, frame: Frame) -> FrameResult:
+        """Track one frame and update the map.
+
+        Args:
+            frame: the next frame (RGB + depth for mode 'rgbd', rectified pair for 'stereo').
+
+        Returns:
+            :class:`FrameResult` (pose ``T_world_cam`` (4, 4) float64 at processing time).
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            res = self._process(frame)
+            dt = time.perf_counter() - t0
+            res.time_ms = dt * 1e3
+            self._time_s += dt
+            self._n_frames += 1
+            if res.state == "lost":
+                self._n_lost += 1
+            return res
+
+    def _tick(self, stage: str, t0: float) -> float:
+        t = time.perf_counter()
+        self._stage_s[stage] = self._stage_s.get(stage, 0.0) + (t - t0)
+        return t
+
+    def _record(self, frame: Frame, kf_id: int, T_kf_frame: np.ndarray, state: str) -> None:
+        self._records.append(_FrameRecord(frame.index, float(frame.stamp), kf_id, T_kf_frame.copy(), state))
+
+    def _process(self, frame: Frame) -> FrameResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        pred = self.predictor.predict(frame)
+        blank = self._is_blank(frame, pred)
+        t0 = self._tick("predict", t0)
+
+        # ---------------- first keyframe
+        if self._kf_id is None:
+            if blank:
+                self._record(frame, -1, np.eye(4), "initialising")
+                return FrameResult(frame.index, frame.stamp, np.eye(4), "initialising", False, -1, reason=blank)
+            kf = self._new_keyframe(frame, pred, np.eye(4))
+            self._kf_id = kf.id
+            self._T_kf_last = np.eye(4)
+            self._push_good_pose(np.eye(4), reset_velocity=True)
+            self._last_good_index = frame.index
+            if self.backend is not None:
+                self.backend.add_keyframe(kf, None, None)
+            self._record(frame, kf.id, np.eye(4), "initialising")
+            n = int((pred.C > 0).sum())
+            return FrameResult(frame.index, frame.stamp, np.eye(4), "initialising", True, kf.id, n, 1.0, 1.0)
+
+        # ---------------- blank input: lost right away
+        if blank:
+            return self._lost(frame, blank)
+
+        sources = self._levels(pred)
+        t0 = self._tick("levels", t0)
+
+        # ---------------- relocalisation after a loss
+        if self._lost_since is not None:
+            return self._relocalise(frame, pred, sources)
+
+        kf = self.keyframe_map.get(self._kf_id)
+        T_init = self._predict_init(kf.id)
+        tr = self._track(kf, sources, T_init)
+        if not tr.success and cfg.tracking.constant_velocity and self._T_kf_last is not None:
+            # retry from the last pose without the motion model
+            tr2 = self._track(kf, sources, self._T_kf_last)
+            if tr2.success:
+                tr = tr2
+        t0 = self._tick("track", t0)
+        if not tr.success:
+            return self._lost(frame, tr.reason, tr)
+        res = self._accept(frame, pred, kf, tr, "tracking", sources)
+        self._tick("map", t0)
+        return res
+
+    def _accept(self, frame: Frame, pred: Prediction, kf: Keyframe, tr: TrackResult, state: str,
+                sources: Optional[list[SourceLevel]] = None) -> FrameResult:
+        cfg = self.config
+        T_kf_frame = tr.T_kf_frame
+        # fusion into the keyframe
+        if cfg.keyframes.fusion:
+            self._fuse(kf, pred, T_kf_frame)
+        is_kf = need_new_keyframe(tr.valid_fraction, tr.unique_fraction, cfg.keyframes.new_kf_match_threshold)
+        T_world = self._pose_world(kf.id, T_kf_frame)
+        kf_id = kf.id
+        if is_kf:
+            reuse = self._reuse_keyframe(pred, kf, T_world, sources)
+            if reuse is not None:  # bounded map: an existing keyframe covers this view
+                kf_id, tr = reuse
+                kf = self.keyframe_map.get(kf_id)
+                T_kf_frame = tr.T_kf_frame
+                T_world = self._pose_world(kf_id, T_kf_frame)
+                self._kf_id = kf_id
+                is_kf = False
+        if is_kf:
+            T_world_new = self.keyframe_map.pose(kf.id) @ T_kf_frame
+            new = self._new_keyframe(frame, pred, T_world_new)
+            if self.backend is not None:
+                self.backend.add_keyframe(new, T_kf_frame.copy(), tr.information.copy(), ref_id=kf.id)
+            self._kf_id = kf_id = new.id
+            T_kf_frame = np.eye(4)
+        self._T_kf_last = T_kf_frame
+        self._push_good_pose(T_world, reset_velocity=(state == "relocalised"))
+        self._last_good_index = frame.index
+        self._record(frame, kf_id, T_kf_frame, state)
+        return FrameResult(frame.index, frame.stamp, T_world, state, is_kf, kf_id, tr.n_valid,
+                           tr.valid_fraction, tr.unique_fraction)
+
+    def _reuse_keyframe(self, pred: Prediction, current: Keyframe, T_world: np.ndarray,
+                        sources: Optional[list[SourceLevel]] = None):
+        """(kf_id, TrackResult) of an existing keyframe covering the frame, or None."""
+        b = self.backend
+        if b is None or not self.config.backend.reuse_keyframes or not hasattr(b, "covering_keyframe"):
+            return None
+        try:
+            hit = b.covering_keyframe(pred.X_cam, pred.C, pred.camera, T_world, exclude_ids=[current.id])
+        except Exception as exc:  # the backend must not take the frontend down
+            log.warning("backend covering_keyframe failed: %s", exc)
+            return None
+        if hit is None or hit[0] not in self.keyframe_map:
+            return None
+        kf_id, T_kf_frame = int(hit[0]), np.asarray(hit[1], dtype=np.float64)
+        tr = self._track(self.keyframe_map.get(kf_id), sources or self._levels(pred), T_kf_frame)
+        if not tr.success or need_new_keyframe(tr.valid_fraction, tr.unique_fraction,
+                                               self.config.keyframes.new_kf_match_threshold):
+            return None
+        return kf_id, tr
+
+    def _fuse(self, kf: Keyframe, pred: Prediction, T_kf_frame: np.ndarray) -> None:
+        kf.fuse(pred.X_chw.reshape(3, -1), pred.C.reshape(-1), T_kf_frame,
+                self.config.keyframes.fusion_max_distance, float(self.config.keyframes.max_fused_frames))
+
+    def _lost(self, frame: Frame, reason: str, tr: Optional[TrackResult] = None) -> FrameResult:
+        if self._lost_since is None:
+            self._lost_since = frame.index
+        T_kf = self._T_kf_last if self._T_kf_last is not None else np.eye(4)
+        T_world = self._pose_world(self._kf_id, T_kf)
+        self._record(frame, self._kf_id, T_kf, "lost")
+        n = tr.n_valid if tr is not None else 0
+        vf = tr.valid_fraction if tr is not None else 0.0
+        return FrameResult(frame.index, frame.stamp, T_world, "lost", False, self._kf_id, n, vf, reason=reason)
+
+    def _relocalise(self, frame: Frame, pred: Prediction, sources: list[SourceLevel]) -> FrameResult:
+        """Try to link a frame after a loss to the map; 'relocalised' on success.
+
+        Candidates: the backend's relocaliser (retrieval + verification) if attached, refined
+        by the tracker; else the current and most recent keyframes, each initialised at the
+        last good pose and at its constant-velocity extrapolation over the gap. The solve
+        with the most inliers wins if it reaches ``keyframes.reloc_min_valid_fraction``.
+        """
+        cfg = self.config
+        need = max(cfg.keyframes.reloc_min_valid_fraction, cfg.tracking.min_valid_fraction)
+        T_world_last = self._pose_world(self._kf_id, self._T_kf_last if self._T_kf_last is not None else np.eye(4))
+        best: Optional[tuple[Keyframe, TrackResult]] = None
+
+        def consider(kf: Keyframe, T_init: np.ndarray) -> None:
+            nonlocal best
+            tr = self._track(kf, sources, T_init)
+            if tr.success and tr.inlier_fraction >= need:
+                if best is None or tr.inlier_fraction > best[1].inlier_fraction:
+                    best = (kf, tr)
+
+        # 1. the backend's relocaliser (retrieval), refined by the tracker
+        if self.backend is not None and hasattr(self.backend, "relocalize"):
+            try:
+                hit = self.backend.relocalize(pred)
+            except Exception as exc:  # the backend must not take the frontend down
+                log.warning("backend relocalisation failed: %s", exc)
+                hit = None
+            if hit is not None and hit[0] in self.keyframe_map:
+                consider(self.keyframe_map.get(hit[0]), np.asarray(hit[1], dtype=np.float64))
+        # 2. the most recent keyframes, from the last good pose (and its extrapolation)
+        if best is None:
+            guesses = [T_world_last]
+            if self._T_world_prev is not None and self._T_world_prev2 is not None:
+                V = np.linalg.inv(self._T_world_prev2) @ self._T_world_prev
+                gap = frame.index - self._last_good_index if self._last_good_index is not None else 1
+                if 1 <= gap <= 30:
+                    guesses.insert(0, T_world_last @ np.linalg.matrix_power(V, int(gap)))
+            ids = self.keyframe_map.ids()
+            cands = [self._kf_id] + [i for i in reversed(ids) if i != self._kf_id][
+                : max(cfg.keyframes.reloc_candidates - 1, 0)]
+            for kf_id in cands:
+                kf = self.keyframe_map.get(kf_id)
+                T_w_kf_inv = np.linalg.inv(self.keyframe_map.pose(kf_id))
+                for T_w in guesses:
+                    consider(kf, T_w_kf_inv @ T_w)
+                if best is not None and best[1].inlier_fraction >= 0.6:
+                    break
+        if best is None:
+            self._n_reloc_fail += 1
+            limit = cfg.keyframes.reinit_after_lost
+            if limit > 0 and self._n_reloc_fail >= limit:
+                return self._reinitialise(frame, pred, T_world_last)
+            return self._lost(frame, "relocalisation failed")
+        kf, tr = best
+        self._kf_id = kf.id
+        self._lost_since = None
+        self._n_reloc_fail = 0
+        self._n_reloc += 1
+        return self._accept(frame, pred, kf, tr, "relocalised", sources)
+
+    def _reinitialise(self, frame: Frame, pred: Prediction, T_world_last: np.ndarray) -> FrameResult:
+        """Give up relocalising: new keyframe at the last good pose (no edge to the old map)."""
+        kf = self._new_keyframe(frame, pred, T_world_last)
+        if self.backend is not None:
+            self.backend.add_keyframe(kf, None, None)
+        self._kf_id = kf.id
+        self._lost_since = None
+        self._n_reloc_fail = 0
+        self._T_kf_last = np.eye(4)
+        self._push_good_pose(T_world_last, reset_velocity=True)
+        self._last_good_index = frame.index
+        self._record(frame, kf.id, np.eye(4), "initialising")
+        n = int((pred.C > 0).sum())
+        return FrameResult(frame.index, frame.stamp, T_world_last.copy(), "initialising", True, kf.id, n, 1.0, 1.0,
+                           reason="relocalisation failed repeatedly: new keyframe at the last pose")
+
+    # ------------------------------------------------------------------ outputs
+    def trajectory(self) -> tuple[np.ndarray, np.ndarray]:
+        """Poses of every processed frame with the current keyframe poses.
+
+        Returns:
+            stamps (N,) float64 seconds and T_world_cam (N, 4, 4) float64 (frames processed
+            before the first keyframe get the identity).
+        """
+        with self._lock:
+            records = list(self._records)
+        ids, poses = self.keyframe_map.poses()
+        P = dict(zip(ids, poses))
+        stamps = np.array([r.stamp for r in records], dtype=np.float64)
+        out = np.zeros((len(records), 4, 4))
+        for i, r in enumerate(records):
+            out[i] = _rigid(P[r.kf_id] @ r.T_kf_frame) if r.kf_id in P else np.eye(4)
+        return stamps, out
+
+    def frame_states(self) -> list[str]:
+        """State of every processed frame, in order."""
+        with self._lock:
+            return [r.state for r in self._records]
+
+    def keyframes(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(ids, stamps (K,) float64, T_world_kf (K, 4, 4) float64) of all keyframes."""
+        ids, poses = self.keyframe_map.poses()
+        stamps = np.array([self.keyframe_map.get(i).stamp for i in ids], dtype=np.float64)
+        return ids, stamps, np.stack([_rigid(T) for T in poses]) if len(ids) else poses
+
+    def fused_cloud(self, voxel_size: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Coloured point cloud of all keyframe pointmaps in the world frame.
+
+        Args:
+            voxel_size: Open3D voxel downsampling size in metres (default
+                ``config.output.voxel_size``; 0 disables it).
+
+        Returns:
+            xyz (N, 3) float32 world points and rgb (N, 3) uint8 colours.
+        """
+        o = self.config.output
+        voxel = o.voxel_size if voxel_size is None else float(voxel_size)
+        xyz_all, rgb_all = [], []
+        for kf in self.keyframe_map.keyframes():
+            X, C = kf.snapshot()
+            T = self.keyframe_map.pose(kf.id)
+            s = o.cloud_stride
+            X, C, img = X[::s, ::s], C[::s, ::s], kf.image[::s, ::s]
+            valid = C > 0
+            if not bool(valid.any()):
+                continue
+            thr = o.cloud_min_confidence * float(C[valid].median())
+            m = (C >= thr) & valid
+            pts = X[m].double().cpu().numpy()
+            xyz_all.append(pts @ T[:3, :3].T + T[:3, 3])
+            rgb_all.append(img[m].cpu().numpy())
+        if not xyz_all:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+        xyz = np.concatenate(xyz_all)
+        rgb = np.concatenate(rgb_all)
+        if voxel > 0 and len(xyz):
+            import open3d as o3d
+
+            pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz))
+            pcd.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
+            pcd = pcd.voxel_down_sample(voxel)
+            xyz = np.asarray(pcd.points)
+            rgb = np.clip(np.round(np.asarray(pcd.colors) * 255.0), 0, 255)
+        return xyz.astype(np.float32), rgb.astype(np.uint8)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: n_frames, n_keyframes, n_lost, n_relocalised, fps, mean_ms, memory, device."""
+        n_kf = len(self.keyframe_map)
+        mem = self.keyframe_map.memory_bytes()
+        out = {
+            "n_frames": self._n_frames,
+            "n_keyframes": n_kf,
+            "n_lost": self._n_lost,
+            "n_relocalised": self._n_reloc,
+            "fps": self._n_frames / self._time_s if self._time_s > 0 else 0.0,
+            "mean_ms": 1e3 * self._time_s / max(self._n_frames, 1),
+            "memory_bytes": mem,
+            "memory_per_keyframe_bytes": mem / n_kf if n_kf else 0.0,
+            "device": str(self.device),
+            "backend": self.backend is not None,
+            "stage_ms": {k: 1e3 * v / max(self._n_frames, 1) for k, v in self._stage_s.items()},
+        }
+        if self.backend is not None and hasattr(self.backend, "stats"):
+            try:
+                b = self.backend.stats()
+                if isinstance(b, dict):
+                    out.update({k: v for k, v in b.items() if k not in out})
+            except Exception:  # pragma: no cover - diagnostics only
+                pass
+        return out
