@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -110,6 +110,26 @@ def _rigid(T: np.ndarray) -> np.ndarray:
     return out
 
 
+def voxel_downsample(xyz: np.ndarray, rgb: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
+    """Average points (N, 3) and colours (N, 3) per voxel of size ``voxel`` (Open3D's
+    ``voxel_down_sample``; a NumPy equivalent when Open3D is not installed)."""
+    try:
+        import open3d as o3d
+    except ImportError:
+        keys = np.floor(xyz / voxel).astype(np.int64)
+        _, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+        inv = inv.reshape(-1)
+        out_xyz = np.zeros((len(counts), 3))
+        out_rgb = np.zeros((len(counts), 3))
+        np.add.at(out_xyz, inv, xyz)
+        np.add.at(out_rgb, inv, rgb.astype(np.float64))
+        return out_xyz / counts[:, None], np.clip(np.round(out_rgb / counts[:, None]), 0, 255)
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(xyz, dtype=np.float64)))
+    pcd.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
+    pcd = pcd.voxel_down_sample(voxel)
+    return np.asarray(pcd.points), np.clip(np.round(np.asarray(pcd.colors) * 255.0), 0, 255)
+
+
 class SlamSystem:
     """The SLAM engine.
 
@@ -158,7 +178,6 @@ class SlamSystem:
         self._n_frames = 0
         self._n_reloc = 0
         self._time_s = 0.0
-        self._last_info: Optional[np.ndarray] = None
         self._stage_s: dict[str, float] = {}
         self._last_good_index: Optional[int] = None
         self._n_reloc_fail = 0
@@ -206,10 +225,14 @@ class SlamSystem:
         """Id of the keyframe frames are tracked against (None before the first one)."""
         return self._kf_id
 
-    def _levels(self, pred: Prediction) -> list[SourceLevel]:
+    def _levels(self, pred: Prediction, geometry_only: bool = False) -> list[SourceLevel]:
         t = self.config.tracking
-        return source_levels(pred.X_cam, pred.C, pred.image, pred.camera, t.pyramid, t.max_points,
-                             self.config.predictor.discontinuity_ratio, t.point_selection)
+        levels = source_levels(pred.X_cam, pred.C, pred.image, pred.camera, t.pyramid, t.max_points,
+                               self.config.predictor.discontinuity_ratio, t.point_selection)
+        if geometry_only:  # no usable intensities (black image): no photometric term
+            for lv in levels:
+                lv.intensity = None
+        return levels
 
     def _track(self, kf: Keyframe, sources: list[SourceLevel], T_init: np.ndarray) -> TrackResult:
         refs = kf.references(self.config.tracking.pyramid, self.config.predictor.discontinuity_ratio,
@@ -217,12 +240,18 @@ class SlamSystem:
         return self.tracker.track(sources, refs, T_init)
 
     def _is_blank(self, frame: Frame, pred: Prediction) -> str:
-        img = np.asarray(frame.image)
-        if img.size == 0 or int(img.max()) <= 2:
-            return "black image"
+        """Why the frame cannot be tracked at all ('' when it can)."""
         if pred.valid_fraction <= 0.01:
             return "no valid depth" if self.config.mode == "rgbd" else "no valid disparity"
+        if self._image_is_black(pred):
+            if self.config.tracking.lost_on_black_image:
+                return "black image"
         return ""
+
+    @staticmethod
+    def _image_is_black(pred: Prediction) -> bool:
+        img = pred.image
+        return img.numel() == 0 or int(img.max()) <= 2
 
     def _new_keyframe(self, frame: Frame, pred: Prediction, T_world_kf: np.ndarray) -> Keyframe:
         kf = Keyframe(
@@ -313,7 +342,7 @@ class SlamSystem:
         if blank:
             return self._lost(frame, blank)
 
-        sources = self._levels(pred)
+        sources = self._levels(pred, geometry_only=self._image_is_black(pred))
         t0 = self._tick("levels", t0)
 
         # ---------------- relocalisation after a loss
@@ -478,6 +507,17 @@ class SlamSystem:
         return FrameResult(frame.index, frame.stamp, T_world_last.copy(), "initialising", True, kf.id, n, 1.0, 1.0,
                            reason="relocalisation failed repeatedly: new keyframe at the last pose")
 
+    def start_lost_at(self, kf_id: int, T_world_cam: np.ndarray) -> None:
+        """Put the engine in the 'lost' state at pose ``T_world_cam`` (4, 4) near keyframe
+        ``kf_id``: the next frame relocalises from there (e.g. after loading a saved map)."""
+        with self._lock:
+            T = np.asarray(T_world_cam, dtype=np.float64)
+            self._kf_id = int(kf_id)
+            self._T_kf_last = np.linalg.inv(self.keyframe_map.pose(kf_id)) @ T
+            self._T_world_prev, self._T_world_prev2 = T, None
+            self._last_good_index = None
+            self._lost_since = 0
+
     # ------------------------------------------------------------------ outputs
     def trajectory(self) -> tuple[np.ndarray, np.ndarray]:
         """Poses of every processed frame with the current keyframe poses.
@@ -538,13 +578,7 @@ class SlamSystem:
         xyz = np.concatenate(xyz_all)
         rgb = np.concatenate(rgb_all)
         if voxel > 0 and len(xyz):
-            import open3d as o3d
-
-            pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz))
-            pcd.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
-            pcd = pcd.voxel_down_sample(voxel)
-            xyz = np.asarray(pcd.points)
-            rgb = np.clip(np.round(np.asarray(pcd.colors) * 255.0), 0, 255)
+            xyz, rgb = voxel_downsample(xyz, rgb, voxel)
         return xyz.astype(np.float32), rgb.astype(np.uint8)
 
     def stats(self) -> dict[str, Any]:

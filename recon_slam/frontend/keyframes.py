@@ -118,7 +118,8 @@ class Keyframe:
         X, C = self.snapshot()
         if self.calibrated:
             Z, C2, n = fuse_depth(X[..., 2], C, q, conf, self.camera, max_distance, max_confidence_ratio)
-            X2 = (_pixel_rays(self.camera, X.dtype, X.device) * Z.reshape(-1, 1)).reshape(X.shape)
+            # stored channel-first (X is an (H, W, 3) view), like the predictors' pointmaps
+            X2 = (_pixel_rays_chw(self.camera, X.dtype, X.device) * Z).permute(1, 2, 0)
         else:
             X2, C2, n = fuse_pointmap(X, C, q, conf, self.camera, max_distance, max_confidence_ratio, False)
         self.set_pointmap(X2, C2, fused=1)
@@ -233,6 +234,16 @@ class KeyframeMap:
 _RAYS: dict = {}
 
 
+def _pixel_rays_chw(camera: PinholeCamera, dtype, device) -> torch.Tensor:
+    """(3, H, W) rays (z = 1) of every pixel of ``camera`` (cached)."""
+    key = ("chw", camera, dtype, str(device))
+    rays = _RAYS.get(key)
+    if rays is None:
+        rays = _pixel_rays(camera, dtype, device).T.reshape(3, camera.height, camera.width).contiguous()
+        _RAYS[key] = rays
+    return rays
+
+
 def _pixel_rays(camera: PinholeCamera, dtype, device) -> torch.Tensor:
     """(H*W, 3) rays (z = 1) of every pixel of ``camera`` (cached)."""
     key = (camera, dtype, str(device))
@@ -274,36 +285,37 @@ def fuse_depth(
     """
     H, W = C.shape
     px, py, pz = points_kf[0], points_kf[1], points_kf[2]
-    iz = 1.0 / pz.clamp_min(1e-6)
-    u = camera.fx * px * iz + camera.cx
-    v = camera.fy * py * iz + camera.cy
-    inside = (u > -0.5) & (u < W - 0.5) & (v > -0.5) & (v < H - 0.5) & (pz > 1e-6) & (conf > 0)
-    idx = (torch.round(v).clamp(0, H - 1) * W + torch.round(u).clamp(0, W - 1)).long()
+    iz = pz.clamp_min(1e-6).reciprocal()
+    ui = torch.round((px * iz).mul_(camera.fx).add_(camera.cx))
+    vi = torch.round((py * iz).mul_(camera.fy).add_(camera.cy))
+    uc = ui.clamp(0, W - 1)
+    vc = vi.clamp(0, H - 1)
+    inside = (ui == uc) & (vi == vc) & (pz > 1e-6) & (conf > 0)
+    idx = (vc * W + uc).long()
     Zf = Z.reshape(-1)
     Cf = C.reshape(-1)
     zk = torch.take(Zf, idx)
     ck = torch.take(Cf, idx)
-    agree = inside & ((ck <= 0) | ((pz - zk).abs() <= max_distance))
-    # a reading in front of the keyframe surface contradicts it (seen through): evidence
-    # against the keyframe depth; a reading behind it is an occlusion and says nothing
-    conflict = inside & (ck > 0) & (zk - pz > max_distance)
+    dz = pz - zk
+    has = ck > 0
+    # agreeing readings are fused; a reading in front of the keyframe surface by more than
+    # max_distance contradicts it (seen through) and is evidence against the keyframe depth;
+    # one behind it is an occlusion and says nothing
+    agree = inside & (~has | (dz.abs() <= max_distance))
+    conflict = inside & has & (dz < -max_distance)
     fa = agree.to(C.dtype)
     c = conf * fa
-    n_pix = H * W
-    zeros = torch.zeros(n_pix, dtype=C.dtype, device=C.device)
-    csum = zeros.index_add(0, idx, c)
-    zsum = zeros.index_add(0, idx, c * pz)
-    cnt = zeros.index_add(0, idx, fa)
-    cneg = zeros.index_add(0, idx, conf * conflict.to(C.dtype))
+    vals = torch.stack((c, c * pz, fa, conf * conflict.to(C.dtype)))
+    sums = torch.zeros((4, H * W), dtype=C.dtype, device=C.device).index_add_(1, idx, vals)
+    csum, zsum, cnt, cneg = sums[0], sums[1], sums[2], sums[3]
     # conflicting evidence first lowers the keyframe confidence; once it is used up the
     # pixel starts over from the new readings
-    Ck = (Cf - cneg).clamp_min(0.0)
-    Zk = Zf * (Ck > 0).to(C.dtype)
-    Cnew = Ck + csum
-    Znew = (Ck * Zk + zsum) / Cnew.clamp_min(1e-20)
+    Ck = (Cf - cneg).clamp_min_(0.0)
+    Znew = (Ck * Zf + zsum) / (Ck + csum).clamp_min(1e-20)
     upd = csum > 0
-    cap = max_confidence_ratio * csum / cnt.clamp_min(1.0) + (~upd).to(C.dtype) * 1e30
-    Cnew = torch.minimum(Cnew, cap)
+    # cap: max_confidence_ratio x the mean incoming confidence (pixels without readings keep C)
+    cap = (csum / cnt.clamp_min(1.0)).mul_(max_confidence_ratio).add_((~upd).to(C.dtype) * 1e30)
+    Cnew = torch.minimum(Ck + csum, cap)
     return Znew.reshape(H, W), Cnew.reshape(H, W), int((upd | (cneg > 0)).sum())
 
 

@@ -63,8 +63,7 @@ def sample_bilinear(
     Returns:
         values (N, C), and when ``with_grad`` d/du (N, C) and d/dv (N, C), else None, None.
     """
-    squeeze = image.dim() == 2
-    if squeeze:
+    if image.dim() == 2:
         image = image[..., None]
     H, W, C = image.shape
     flat = image.reshape(H * W, C)
@@ -84,8 +83,6 @@ def sample_bilinear(
     top = f00 + a * (f01 - f00)
     bot = f10 + a * (f11 - f10)
     val = top + b * (bot - top)
-    if squeeze:
-        val = val
     if not with_grad:
         return val, None, None
     gu = (1 - b) * (f01 - f00) + b * (f11 - f10)

@@ -33,7 +33,8 @@ class Prediction:
 
     Attributes:
         X_cam: (H, W, 3) float32 points in the frame's optical camera frame (metres when the
-            predictor is metric); arbitrary where ``C == 0``.
+            predictor is metric); arbitrary where ``C == 0``. May be a non-contiguous view
+            (the sensor predictors store points channel-first, see :attr:`X_chw`).
         C: (H, W) float32 confidence >= 0; 0 marks invalid pixels.
         camera: intrinsics of the processing resolution (no distortion).
         image: (H, W, 3) uint8 RGB image at processing resolution (torch, same device).
@@ -53,7 +54,7 @@ class Prediction:
 
     @property
     def X_chw(self) -> torch.Tensor:
-        """(3, H, W) contiguous channel-first copy of ``X_cam`` (cached)."""
+        """(3, H, W) contiguous channel-first ``X_cam`` (a view when ``X_cam`` is one)."""
         cached = self.__dict__.get("_X_chw")
         if cached is None or cached[0] is not self.X_cam:
             cached = (self.X_cam, self.X_cam.permute(2, 0, 1).contiguous())
@@ -203,6 +204,16 @@ def discontinuity_mask(depth: np.ndarray, ratio: float) -> np.ndarray:
 _RAY_CACHE: dict = {}
 
 
+def pixel_rays_chw(camera: PinholeCamera) -> np.ndarray:
+    """(3, H, W) float32 rays with z = 1 of every pixel of ``camera`` (cached, channel-first)."""
+    key = ("chw", camera)
+    rays = _RAY_CACHE.get(key)
+    if rays is None:
+        rays = np.ascontiguousarray(pixel_rays(camera).transpose(2, 0, 1))
+        _RAY_CACHE[key] = rays
+    return rays
+
+
 def pixel_rays(camera: PinholeCamera) -> np.ndarray:
     """(H, W, 3) float32 rays with z = 1 of every pixel of ``camera`` (cached)."""
     rays = _RAY_CACHE.get(camera)
@@ -250,16 +261,18 @@ def depth_to_prediction(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         C = np.where(valid, np.square(sigma_ref / sigma), np.float32(0.0)).astype(np.float32)
     z = np.where(valid, z, np.float32(0.0))
-    X = pixel_rays(camera) * z[..., None]
-    dev = torch.device(device)
-    return Prediction(
-        X_cam=torch.from_numpy(X).to(dev),
+    X_chw = torch.from_numpy(pixel_rays_chw(camera) * z).to(torch.device(device))  # (3, H, W)
+    dev = X_chw.device
+    pred = Prediction(
+        X_cam=X_chw.permute(1, 2, 0),  # (H, W, 3) view of the channel-first points
         C=torch.from_numpy(C.astype(np.float32)).to(dev),
         camera=camera,
         image=torch.from_numpy(np.ascontiguousarray(image)).to(dev),
         index=index,
         stamp=stamp,
     )
+    pred.__dict__["_X_chw"] = (pred.X_cam, X_chw)
+    return pred
 
 
 class RgbdPredictor(PointmapPredictor):

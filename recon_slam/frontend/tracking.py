@@ -27,7 +27,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from recon_slam.config import TrackingConfig
 from recon_slam.frontend.matching import unique_fraction
@@ -125,18 +124,16 @@ def _build_pyramid_cv2(
     Cn = C.detach().cpu().numpy()
     img = image.detach().cpu().numpy()
     In = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY).astype(np.float32) * np.float32(1.0 / 255.0)
-    valid = Cn > 0
-    vf = valid.astype(np.float32)
-    A1 = np.empty((H, W, 4), np.float32)
-    np.multiply(Xn, vf[..., None], out=A1[..., :3])
-    A1[..., 3] = vf
-    A2 = np.empty((H, W, 2), np.float32)
-    np.multiply(Cn, vf, out=A2[..., 0])
-    A2[..., 1] = In
-    pen = (vf - 1.0) * np.float32(1e9)
-    Z = np.empty((H, W, 2), np.float32)
-    np.add(Xn[..., 2], pen, out=Z[..., 0])
-    np.subtract(pen, Xn[..., 2], out=Z[..., 1])
+    vf = (Cn > 0).astype(np.float32)
+    Xc = X.permute(2, 0, 1)
+    if Xc.is_contiguous():  # channel-first storage: the planes are views
+        x, y, z = Xc.detach().cpu().numpy()
+    else:
+        x, y, z = cv2.split(np.ascontiguousarray(Xn))
+    pen = (vf - np.float32(1.0)) * np.float32(1e9)
+    # single-channel planes (OpenCV is fastest on those): sums to average, maxima to dilate
+    sums = {1: [cv2.multiply(x, vf), cv2.multiply(y, vf), cv2.multiply(z, vf), vf, cv2.multiply(Cn, vf), In]}
+    maxs = {1: [z + pen, pen - z]}
     dev = X.device
     out: list[MapLevel] = []
     cache: dict[int, MapLevel] = {}
@@ -146,24 +143,25 @@ def _build_pyramid_cv2(
             out.append(cache[f])
             continue
         if f == 1:
-            lv = MapLevel(1, camera, X.permute(2, 0, 1), torch.from_numpy(A2[..., 0].copy()).to(dev),
-                          torch.from_numpy(In).to(dev))
+            lv = MapLevel(1, camera, X.permute(2, 0, 1), torch.from_numpy(sums[1][4]).to(dev), torch.from_numpy(In).to(dev))
         else:
-            h, w = H // f, W // f
-            a1, a2, zz = A1[: h * f, : w * f], A2[: h * f, : w * f], Z[: h * f, : w * f]
-            p1 = cv2.resize(a1, (w, h), interpolation=cv2.INTER_AREA)
-            p2 = cv2.resize(a2, (w, h), interpolation=cv2.INTER_AREA)
-            mx = cv2.dilate(zz, np.ones((f, f), np.uint8), anchor=(0, 0))[::f, ::f][:h, :w]
-            frac = p1[..., 3]
-            inv = 1.0 / np.maximum(frac, 1e-12)
-            Xp = p1[..., :3] * inv[..., None]
-            ok = (frac >= 0.5) & ((mx[..., 0] + mx[..., 1]) <= max_spread_ratio * np.abs(Xp[..., 2]))
-            Cp = p2[..., 0] * inv * ok
+            if f not in sums:  # pool from the finest computed level whose factor divides f
+                src = max(k for k in sums if f % k == 0)
+                r = f // src
+                hs, ws = sums[src][0].shape
+                h, w = hs // r, ws // r
+                sums[f] = [cv2.resize(a[: h * r, : w * r], (w, h), interpolation=cv2.INTER_AREA) for a in sums[src]]
+                kernel = np.ones((r, r), np.uint8)
+                maxs[f] = [cv2.dilate(a[: h * r, : w * r], kernel, anchor=(0, 0))[::r, ::r][:h, :w] for a in maxs[src]]
+            sx, sy, sz, frac, sc, si = sums[f]
+            inv = np.float32(1.0) / np.maximum(frac, np.float32(1e-12))
+            zp = sz * inv
+            ok = (frac >= 0.5) & ((maxs[f][0] + maxs[f][1]) <= max_spread_ratio * np.abs(zp))
+            Xp = np.stack((sx * inv, sy * inv, zp))
+            Cp = sc * inv * ok
             lv = MapLevel(
-                f, _level_camera(camera, H, W, f),
-                torch.from_numpy(np.ascontiguousarray(Xp.transpose(2, 0, 1))).to(dev),
-                torch.from_numpy(Cp.astype(np.float32)).to(dev),
-                torch.from_numpy(np.ascontiguousarray(p2[..., 1])).to(dev),
+                f, _level_camera(camera, H, W, f), torch.from_numpy(Xp).to(dev),
+                torch.from_numpy(Cp.astype(np.float32)).to(dev), torch.from_numpy(np.ascontiguousarray(si)).to(dev),
             )
         cache[f] = lv
         out.append(lv)
@@ -289,7 +287,8 @@ class SourceLevel:
 
     Attributes:
         factor: level factor; camera: its intrinsics.
-        pts: (3, N) points in the frame camera; conf: (N,); intensity: (N,).
+        pts: (3, N) points in the frame camera; conf: (N,); intensity: (N,) or None (no
+            photometric term).
         n_total: valid points before any subsampling (denominator of match fractions).
         dense: True when no subsampling happened (one point per level pixel).
     """
@@ -298,7 +297,7 @@ class SourceLevel:
     camera: PinholeCamera
     pts: torch.Tensor
     conf: torch.Tensor
-    intensity: torch.Tensor
+    intensity: Optional[torch.Tensor]
     n_total: int
     dense: bool
 

@@ -582,7 +582,10 @@ def _layout_room_b(rng: np.random.Generator):
                     {"*": tx.painted_metal((0.85, 0.85, 0.82)), "-z": None}, tpm=150.0))
     # tall cabinet against wall x+
     objs.append(Box("tall_cabinet", [3.22, 0.0, 0.95], [0.56, 1.4, 1.9], 0.0,
-                    {"*": tx.painted_metal(_jitter(rng, (0.55, 0.55, 0.58), 0.05)), "-x": tx.books(walnut),
+                    {"*": tx.painted_metal(_jitter(rng, (0.55, 0.55, 0.58), 0.05)),
+                     "-x": tx.composite(tx.grid_pattern(_pal([0.5, 0.52, 0.56], [0.45, 0.47, 0.5]), 70.0, 38.0, 1.5,
+                                                        (0.15, 0.15, 0.17), running_bond=False),
+                                        _wall_decals(rng, 1.4, 1.9, 3, size=((0.2, 0.4), (0.15, 0.3)))),
                      "+x": None, "-z": None}))
     # armchair (rotated) near wall x-
     chair = tx.fabric(_jitter(rng, (0.2, 0.35, 0.55), 0.08))
