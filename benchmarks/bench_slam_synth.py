@@ -40,7 +40,7 @@ ALL_CASES = ("rgbd", "rgbd_no_lc", "stereo", "drop20", "black5", "zerodepth5", "
 def _case(name: str, args) -> dict:
     stereo = name == "stereo"
     frames = args.frames
-    seq = SyntheticSequence(scene="room", trajectory=trajectory, frames=frames, width=args.width,
+    seq = SyntheticSequence(scene="room", trajectory="loop", frames=frames, width=args.width,
                             height=args.height, seed=args.seed, depth_noise=True, stereo=stereo)
     source = seq
     mid = frames // 2
