@@ -59,6 +59,7 @@ setup(
         "console_scripts": [
             "recon-slam = recon_slam.cli:main",
             "slam_node = recon_slam.ros.slam_node:main",
+            "reloc_node = recon_slam.ros.reloc_node:main",
         ],
     },
     zip_safe=True,

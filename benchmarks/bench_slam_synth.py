@@ -4,9 +4,12 @@
                                           [--cases all|rgbd,rgbd_no_lc,stereo,...] [--device cpu]
 
 Cases (each a full run of the engine through ``recon_slam.runner.run_slam``):
-  rgbd          RGB-D with loop closure (depth noise and holes on)
-  rgbd_no_lc    the same with loop closure disabled
-  stereo        rectified stereo (SGBM) with loop closure
+  rgbd          RGB-D with loop closure (depth noise and holes on); the loop is flown
+                --lc-laps times (default 2) so that the start is revisited with drift
+  rgbd_no_lc    the same with loop closure disabled (no loop edges, no re-anchoring on
+                old keyframes: pure keyframe odometry)
+  stereo        rectified stereo (SGBM) with loop closure, one lap
+  stereo_no_lc  the same with loop closure disabled
   drop20        RGB-D with 20 % of the frames dropped at random
   black5        RGB-D with 5 consecutive black frames (no depth) in the middle
   zerodepth5    RGB-D with 5 consecutive frames without depth in the middle
@@ -34,11 +37,11 @@ from recon_slam.io.datasets.perturb import PerturbedSource, RepeatedSource  # no
 from recon_slam.runner import public_summary, run_slam  # noqa: E402
 from recon_slam.synth import SyntheticSequence  # noqa: E402
 
-ALL_CASES = ("rgbd", "rgbd_no_lc", "stereo", "drop20", "black5", "zerodepth5", "long")
+ALL_CASES = ("rgbd", "rgbd_no_lc", "stereo", "stereo_no_lc", "drop20", "black5", "zerodepth5", "long")
 
 
 def _case(name: str, args) -> dict:
-    stereo = name == "stereo"
+    stereo = name.startswith("stereo")
     frames = args.frames
     seq = SyntheticSequence(scene="room", trajectory="loop", frames=frames, width=args.width,
                             height=args.height, seed=args.seed, depth_noise=True, stereo=stereo)
@@ -50,10 +53,12 @@ def _case(name: str, args) -> dict:
         source = PerturbedSource(seq, blank_start=mid, blank_count=5, blank_kind="black")
     elif name == "zerodepth5":
         source = PerturbedSource(seq, blank_start=mid, blank_count=5, blank_kind="zero_depth")
+    elif name in ("rgbd", "rgbd_no_lc") and args.lc_laps > 1:
+        source = RepeatedSource(seq, laps=args.lc_laps)
     elif name == "long":
-        source = RepeatedSource(seq, laps=max(1, args.long_frames // frames))
+        source = RepeatedSource(seq, laps=max(1, -(-args.long_frames // frames)))
     overrides = {"device": args.device, "mode": "stereo" if stereo else "rgbd"}
-    if name == "rgbd_no_lc":
+    if name.endswith("_no_lc"):
         overrides["backend.loop_closure"] = False
     cfg = load_config(None, overrides)
     growth = []  # (frame, keyframes, keyframe memory in bytes) once per lap
@@ -80,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=600)
     parser.add_argument("--long-frames", type=int, default=5000)
+    parser.add_argument("--lc-laps", type=int, default=2, help="laps of the loop in the rgbd/rgbd_no_lc cases")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,6 +105,8 @@ def main() -> None:
         checks["rgbd_ate_le_0.5_percent"] = c["rgbd"]["ate_percent_of_path"] <= 0.5
     if "rgbd" in c and "rgbd_no_lc" in c:
         checks["loop_closure_reduces_ate"] = c["rgbd"]["ate_rmse_m"] < c["rgbd_no_lc"]["ate_rmse_m"]
+    if "stereo" in c and "stereo_no_lc" in c:
+        checks["stereo_loop_closure_reduces_ate"] = c["stereo"]["ate_rmse_m"] < c["stereo_no_lc"]["ate_rmse_m"]
     if "stereo" in c:
         checks["stereo_ate_le_1.5_percent"] = c["stereo"]["ate_percent_of_path"] <= 1.5
     for name in ("drop20", "black5", "zerodepth5"):

@@ -94,6 +94,8 @@ def main() -> None:
         "memory_per_keyframe_bytes": stats.get("memory_per_keyframe_bytes"),
         "ate_rmse_m": ate,
         "gpu_peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+        "stage_ms_mean": stats.get("stage_ms"),
+        "config_overrides": args.set,
     }
     print({k: v for k, v in res.items() if k != "command"})
     name = args.name or f"tracking_speed_{'cuda' if cuda else 'cpu'}_{args.width}x{args.height}"

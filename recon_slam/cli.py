@@ -91,7 +91,12 @@ def _config_from_args(args: argparse.Namespace):
         overrides["device"] = args.device
     if getattr(args, "no_loop_closure", False):
         overrides["backend.loop_closure"] = False
+    if getattr(args, "checkpoint", None):
+        overrides["mono.checkpoint"] = str(args.checkpoint)
     cfg = load_config(getattr(args, "config", None), overrides)
+    if cfg.mode == "mono" and getattr(args, "calib", None):
+        # monocular with given intrinsics: calibrated residuals, points on the camera rays
+        cfg = load_config(cfg, {"mono.calibrated": True})
     if getattr(args, "set", None):
         cfg = load_config(cfg, args.set)
     return cfg
@@ -104,8 +109,9 @@ def _print_run_report(summary: dict, out: Path | None) -> None:
     )
     print(line)
     if "ate_rmse_m" in summary:
+        align = "Sim(3)" if summary.get("ate_align") == "sim3" else "SE(3)"
         print(
-            f"ATE RMSE {summary['ate_rmse_m'] * 100:.2f} cm (SE(3)-aligned) = "
+            f"ATE RMSE {summary['ate_rmse_m'] * 100:.2f} cm ({align}-aligned) = "
             f"{summary['ate_percent_of_path']:.2f} % of the {summary['path_length_m']:.2f} m path"
         )
     if out is not None:
@@ -118,13 +124,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recon_slam.runner import public_summary, run_slam
 
     cfg = _config_from_args(args)
+    if cfg.mode == "mono":
+        from recon_slam.frontend.mast3r_predictor import CHECKPOINT_HELP
+
+        if not cfg.mono.checkpoint:
+            raise InputError(CHECKPOINT_HELP)
+        if not Path(cfg.mono.checkpoint).expanduser().is_file():
+            raise InputError(f"MASt3R checkpoint {cfg.mono.checkpoint} not found. {CHECKPOINT_HELP}")
     source = open_source(args.source, calib=args.calib, stride=args.stride, max_frames=args.max_frames)
     if cfg.mode == "rgbd" and not source.has_depth:
         raise InputError(f"{args.source} has no depth images: use --mode stereo for a stereo pair, or give an RGB-D source")
     if cfg.mode == "stereo" and not source.has_stereo:
         raise InputError(f"{args.source} has no right images: use --mode rgbd for an RGB-D source, or give a stereo source")
-    summary = run_slam(source, args.out, cfg, progress=not args.quiet, desc=f"SLAM {cfg.mode}")
+    if args.localize_only is not None:
+        from recon_slam.config import load_config
+
+        cfg = load_config(cfg, {"reloc.localize_only": True})
+    meta = {"source_path": str(Path(args.source).resolve()), "calib": str(args.calib) if args.calib else None,
+            "stride": args.stride, "max_frames": args.max_frames}
+    summary = run_slam(source, args.out, cfg, progress=not args.quiet, desc=f"SLAM {cfg.mode}",
+                       save_map=args.save_map, localize_map=args.localize_only, meta=meta)
     _print_run_report(public_summary(summary), args.out)
+    if "map" in summary:
+        m = summary["map"]
+        extra = (f", relocaliser from {m['reloc_mapping_frames']} frames in {m['reloc_train_s']:.1f} s "
+                 f"({m['reloc_size_bytes'] / 1e6:.2f} MB)") if m.get("relocaliser") else ""
+        print(f"map saved to {m['path']} ({m['n_keyframes']} keyframes{extra})")
     return 0
 
 
@@ -188,12 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run SLAM on a dataset folder or rosbag2")
     p.add_argument("source", type=Path, help="TUM, 7-Scenes, KITTI, EuRoC, image folder or bag")
-    p.add_argument("--mode", choices=("rgbd", "stereo"), default=None, help="input modality (default from config: rgbd)")
+    p.add_argument("--mode", choices=("rgbd", "stereo", "mono"), default=None,
+                   help="input modality (default from config: rgbd); mono needs --checkpoint")
+    p.add_argument("--checkpoint", type=Path,
+                   help="MASt3R weights for --mode mono (the released "
+                        "MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric.pth, CC BY-NC-SA 4.0, obtained by you)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     _add_engine_options(p)
-    p.add_argument("--calib", type=Path, help="intrinsics YAML when the source has none")
+    p.add_argument("--calib", type=Path, help="intrinsics YAML when the source has none; with --mode mono it "
+                   "also switches to calibrated tracking (points on the known camera rays)")
     p.add_argument("--stride", type=int, default=1, help="use every N-th frame")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--save-map", type=Path, metavar="DIR",
+                   help="also save the map (keyframes, cloud, trained relocaliser) to DIR, atomically")
+    p.add_argument("--localize-only", type=Path, metavar="MAP",
+                   help="start in the saved map MAP and localise in it without extending it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -227,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
+    from recon_slam.cli_maps import add_map_parsers
     from recon_slam.replay import add_replay_parser
 
     add_replay_parser(sub)
+    add_map_parsers(sub)
     return parser
 
 

@@ -113,6 +113,20 @@ class TrackingConfig:
     damping: float = 1e-6
     #: the frame is lost when the valid-match fraction is below this.
     min_valid_fraction: float = 0.05
+    #: Levenberg-Marquardt loop with every decision on the device (no host round trip per
+    #: iteration, fixed iteration count): 'host' (host loop), 'device' (device loop),
+    #: 'graph' (device loop replayed as one CUDA graph per level; eager device loop off
+    #: CUDA), 'auto' (= graph on CUDA, host elsewhere). Measured on an H200 at 640x480
+    #: (benchmarks/results/tracking_speed_cuda_640x480_*.json): host 56, eager device 14,
+    #: graph 66 frames/s end to end.
+    device_loop: str = "auto"
+    #: in 'graph' mode, fuse each iteration's kernels with torch.compile before capturing
+    #: (needs triton; falls back to plain kernels when compiling fails). Off by default:
+    #: not yet measured on a GPU.
+    device_compile: bool = False
+    #: when the inlier fraction falls by more than this against the previous frame, the
+    #: solve is repeated from the last pose without the motion model and the better one kept.
+    retry_inlier_drop: float = 0.08
     #: a black image (all pixels <= 2) makes the frame lost even when it has depth (a
     #: covered lens, a dropped frame); false tracks such frames on geometry alone.
     lost_on_black_image: bool = True
@@ -161,7 +175,7 @@ class BackendConfig:
     enabled: bool = True
     loop_closure: bool = True
     retrieval_top_k: int = 3
-    retrieval_min_score: float = 0.1
+    retrieval_min_score: float = 0.05
     #: keyframes closer than this many ids are not loop candidates (consecutive edges
     #: always exist).
     loop_min_keyframe_gap: int = 5
@@ -189,6 +203,70 @@ class BackendConfig:
 
 
 @dataclass
+class MonoConfig:
+    """Monocular mode (``mode: mono``): two-view MASt3R pointmaps up to scale, Sim(3) tracking."""
+
+    #: MASt3R network weights (the released MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric.pth,
+    #: CC BY-NC-SA 4.0, downloaded by the user); mode 'mono' needs it.
+    checkpoint: str = ""
+    #: use the camera intrinsics: points are snapped onto the known camera rays and tracked with
+    #: pixel + log-depth residuals; false: no intrinsics, ray direction + distance residuals.
+    calibrated: bool = False
+    #: network input size: long side in pixels (the image is then centre-cropped to multiples of 16).
+    long_side: int = 512
+    #: keyframe pixels matched per frame: every match_stride-th pixel along each axis.
+    match_stride: int = 2
+    #: iterative projective matching: Levenberg-Marquardt iterations per point.
+    match_iterations: int = 10
+    #: a match is rejected (occlusion) when its two points are further apart than this fraction
+    #: of their distance to the camera.
+    match_max_distance: float = 0.1
+    #: ... or when the ray-space solution misses the point by more than this many pixel angles
+    #: (points outside the view end on its border).
+    match_max_angle_px: float = 2.0
+    #: descriptor refinement of the matches: window radius (in grid steps) and the dilations
+    #: searched from coarse to fine (empty: no refinement).
+    refine_radius: int = 3
+    refine_dilations: list = field(default_factory=lambda: [5, 4, 3, 2, 1])
+    #: a match is valid when both descriptor confidences exceed this.
+    min_descriptor_confidence: float = 1.5
+    #: residual sigmas: uncalibrated ray direction (unit vector) and distance (map units),
+    #: calibrated pixel (pixels) and log-depth.
+    sigma_ray: float = 0.003
+    sigma_dist: float = 0.05
+    sigma_pixel: float = 1.0
+    sigma_depth: float = 0.05
+    huber_k: float = 1.345
+    #: Gauss-Newton iterations at most; stop when the relative cost decrease or the step is below tolerance.
+    max_iterations: int = 50
+    tolerance: float = 1e-3
+    #: tracking is lost below this fraction of valid matches.
+    min_valid_fraction: float = 0.05
+    #: keyframe fusion: a predicted keyframe point further than this fraction of its distance
+    #: from the fused one is not fused (occlusion / outlier).
+    fusion_max_distance: float = 0.1
+
+
+@dataclass
+class RelocSettings:
+    """Scene-coordinate relocaliser of saved maps (see :mod:`recon_slam.reloc`)."""
+
+    #: train a relocaliser into maps saved with ``--save-map`` / ``~/save_map``.
+    build_on_save: bool = True
+    #: at most this many tracked frames (evenly spread) train it.
+    mapping_frames: int = 300
+    #: optimiser steps (0: the relocaliser's default).
+    iterations: int = 0
+    #: processing resolution, shorter image side in pixels (0: the relocaliser's default).
+    short_side: int = 0
+    #: when tracking is lost, also ask the map's relocaliser (if one is loaded).
+    use_when_lost: bool = True
+    #: start in a saved map without extending it: no new keyframes, no fusion, no backend
+    #: changes; tracking re-anchors on the map's keyframes and relocalises when lost.
+    localize_only: bool = False
+
+
+@dataclass
 class OutputConfig:
     """What the engine exports."""
 
@@ -207,7 +285,8 @@ class SlamConfig:
 
     #: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.
     device: str = "auto"
-    #: input modality: 'rgbd' (registered depth) or 'stereo' (rectified pair).
+    #: input modality: 'rgbd' (registered depth), 'stereo' (rectified pair) or 'mono' (images
+    #: only, MASt3R two-view pointmaps; needs mono.checkpoint).
     mode: str = "rgbd"
     #: torch CPU threads set by the engine (0 leaves torch's setting). The engine's tensors
     #: are small (tens of thousands of elements): one thread avoids the OpenMP wake-up
@@ -217,6 +296,8 @@ class SlamConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    mono: MonoConfig = field(default_factory=MonoConfig)
+    reloc: RelocSettings = field(default_factory=RelocSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     # ------------------------------------------------------------------ views
@@ -245,7 +326,7 @@ class SlamConfig:
         _choice("device", self.device, None)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"config key 'device': {self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        _choice("mode", self.mode, ("rgbd", "stereo"))
+        _choice("mode", self.mode, ("rgbd", "stereo", "mono"))
         _nonneg("cpu_threads", self.cpu_threads)
         p = self.predictor
         _nonneg("predictor.width", p.width)
@@ -277,6 +358,7 @@ class SlamConfig:
         if not t.max_points or any((not isinstance(v, int)) or v < 1 for v in t.max_points):
             raise ConfigError("config key 'tracking.max_points' must be a non-empty list of integers >= 1")
         _choice("tracking.point_selection", t.point_selection, ("grid", "gradient"))
+        _choice("tracking.device_loop", t.device_loop, ("auto", "host", "device", "graph"))
         _nonneg("tracking.match_weight", t.match_weight)
         if t.match_weight == 0 and not (t.point_to_plane or t.photometric):
             raise ConfigError("config key 'tracking.match_weight' is 0 and no extra term is on: nothing to track with")
@@ -297,6 +379,23 @@ class SlamConfig:
         _fraction("backend.cover_min_overlap", b.cover_min_overlap)
         for name in ("edge_sigma_translation", "edge_sigma_rotation", "edge_sigma_scale"):
             _positive(f"backend.{name}", getattr(b, name))
+        m = self.mono
+        for name in ("long_side", "match_stride", "match_max_angle_px", "sigma_ray", "sigma_dist", "sigma_pixel", "sigma_depth",
+                     "huber_k", "match_max_distance", "fusion_max_distance", "tolerance"):
+            _positive(f"mono.{name}", getattr(m, name))
+        if m.long_side % 16:
+            raise ConfigError("config key 'mono.long_side' must be a multiple of 16")
+        _nonneg("mono.match_iterations", m.match_iterations)
+        _nonneg("mono.refine_radius", m.refine_radius)
+        _nonneg("mono.max_iterations", m.max_iterations)
+        if any((not isinstance(v, int)) or v < 1 for v in m.refine_dilations):
+            raise ConfigError("config key 'mono.refine_dilations' must be a list of integers >= 1")
+        _fraction("mono.min_valid_fraction", m.min_valid_fraction)
+        r = self.reloc
+        _positive("reloc.mapping_frames", r.mapping_frames)
+        _nonneg("reloc.iterations", r.iterations)
+        if r.short_side and not 32 <= r.short_side <= 2048:
+            raise ConfigError("config key 'reloc.short_side' must be 0 (default) or 32..2048 pixels")
         o = self.output
         _nonneg("output.voxel_size", o.voxel_size)
         _positive("output.cloud_stride", o.cloud_stride)
@@ -440,7 +539,8 @@ def field_docs() -> dict[str, str]:
     docs: dict[str, str] = {}
     classes = {
         "": SlamConfig, "predictor.": PredictorConfig, "tracking.": TrackingConfig,
-        "keyframes.": KeyframeConfig, "backend.": BackendConfig, "output.": OutputConfig,
+        "keyframes.": KeyframeConfig, "backend.": BackendConfig, "mono.": MonoConfig, "reloc.": RelocSettings,
+        "output.": OutputConfig,
     }
     for prefix, cls in classes.items():
         pending: list[str] = []

@@ -54,6 +54,10 @@ def run_slam(
     progress: bool = True,
     desc: str = "SLAM",
     on_frame: Callable[[Any, Any, Any], None] | None = None,
+    predictor: Any = None,
+    save_map: str | Path | None = None,
+    localize_map: Any = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the engine over every frame of ``source`` and write the output files.
 
@@ -64,6 +68,15 @@ def run_slam(
         config: engine configuration (defaults when ``None``).
         progress: show a progress bar.
         on_frame: called as ``on_frame(frame, result, system)`` after every frame (benchmarks).
+        predictor: optional predictor object instead of the one the configuration selects
+            (tests and benchmarks, e.g. the monocular oracle).
+        save_map: also save the map here (atomic; with a trained relocaliser unless
+            ``config.reloc.build_on_save`` is false); see :mod:`recon_slam.maps`.
+        localize_map: a loaded :class:`~recon_slam.maps.MapData` (or a map folder) to start
+            in: its keyframes are restored and its relocaliser attached before the first
+            frame (``config.reloc.localize_only`` decides whether the map may grow).
+        meta: extra entries for the summary (e.g. how to re-open the source:
+            ``source_path``, ``calib``, ``stride``, ``max_frames``).
 
     Returns:
         The summary dict (also written to ``summary.json``), plus, under private keys,
@@ -78,7 +91,15 @@ def run_slam(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-    system = SlamSystem(config, source.camera)
+    system = SlamSystem(config, source.camera, predictor=predictor)
+    metric = bool(getattr(system.predictor, "metric", True))
+    if localize_map is not None:
+        from recon_slam.maps import load_map, load_relocaliser, restore_into_system
+
+        mdata = load_map(localize_map) if not hasattr(localize_map, "keyframes") else localize_map
+        restore_into_system(system, mdata)
+        if mdata.relocaliser is not None and config.reloc.use_when_lost:
+            system.attach_relocaliser(load_relocaliser(mdata, system.device))
     n_total = len(source)
     states: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -98,6 +119,12 @@ def run_slam(
         kf_ids, kf_stamps, T_world_kf = system.keyframes()
         stats = system.stats()
         cloud = system.fused_cloud(config.output.voxel_size) if out is not None else None
+        map_data = None
+        if save_map is not None:
+            from recon_slam.maps import map_from_system
+
+            map_data = map_from_system(system)
+            frame_states = system.frame_states()
     finally:
         system.close()
 
@@ -115,16 +142,20 @@ def run_slam(
         "memory_per_keyframe_bytes": stats.get("memory_per_keyframe_bytes"),
         "n_loop_closures": stats.get("n_loop_closures"),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "config": config.to_dict(),
+        **(meta or {}),
     }
     gt = source.ground_truth() if getattr(source, "has_ground_truth", False) else None
     errors = None
     if gt is not None and n >= 2:
         from recon_slam.eval import evaluate_trajectory
 
-        errors = evaluate_trajectory(stamps, T_world_cam, gt[0], gt[1], align="se3", max_diff=0.02)
+        # a monocular (non-metric) trajectory is only defined up to scale: Sim(3) alignment
+        align = "se3" if metric else "sim3"
+        errors = evaluate_trajectory(stamps, T_world_cam, gt[0], gt[1], align=align, max_diff=0.02)
         summary.update(
             ate_rmse_m=errors.ate_rmse_m,
-            ate_align="se3",
+            ate_align=align,
             rpe_trans_rmse_m=errors.rpe_trans_rmse_m,
             path_length_m=errors.path_length_m,
             ate_percent_of_path=100.0 * errors.ate_rmse_m / max(errors.path_length_m, 1e-9),
@@ -144,6 +175,11 @@ def run_slam(
         else:
             plot_trajectories(out / "trajectory.png", T_world_cam, keyframes=T_world_kf, title=summary["source"])
         _write_json(out / "summary.json", summary)
+    if map_data is not None:
+        summary["map"] = _save_run_map(map_data, save_map, source, system, stamps, T_world_cam, frame_states,
+                                       config, metric, gt, progress)
+        if out is not None:
+            _write_json(out / "summary.json", summary)
     summary["_stamps"] = stamps
     summary["_T_world_cam"] = T_world_cam
     return summary
@@ -152,3 +188,44 @@ def run_slam(
 def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary without its private (array) entries."""
     return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
+def _save_run_map(map_data, path, source, system, stamps, T_world_cam, frame_states, config, metric: bool,
+                  gt, progress: bool) -> dict[str, Any]:
+    """Train the relocaliser (if enabled) and save the map of a finished run; returns its summary."""
+    from recon_slam.maps import save_map
+    from recon_slam.maps.build import (
+        alignment_to_ground_truth,
+        keyframe_mapping_arrays,
+        mapping_arrays,
+        train_map_relocaliser,
+    )
+
+    info: dict[str, Any] = {"path": str(path), "n_keyframes": len(map_data.keyframes)}
+    if gt is not None:
+        map_data.T_gt_world = alignment_to_ground_truth(stamps, T_world_cam, gt[0], gt[1], with_scale=not metric)
+    if config.reloc.build_on_save and map_data.keyframes:
+        t0 = time.perf_counter()
+        if metric and not getattr(system.predictor, "two_view", False):
+            arrays = mapping_arrays(source, stamps, T_world_cam, system.predictor, config.reloc.mapping_frames,
+                                    frame_states, progress)
+        else:  # monocular: the keyframes' pointmaps carry the map's scale
+            arrays = keyframe_mapping_arrays(map_data.keyframes)
+        last = {}
+
+        def report(p: dict) -> None:
+            last.update(p)
+            if progress:
+                print(f"\rrelocaliser: step {p.get('step')}/{p.get('steps')} loss {p.get('loss', float('nan')):.3f}",
+                      end="", flush=True)
+
+        rel, stats = train_map_relocaliser(arrays, config.reloc, device=str(system.device), progress=report)
+        if progress:
+            print()
+        map_data.relocaliser = rel.state_dict()
+        info.update(relocaliser=True, reloc_mapping_frames=int(len(arrays["images"])),
+                    reloc_train_s=time.perf_counter() - t0, reloc_size_bytes=int(rel.size_bytes()))
+    else:
+        info["relocaliser"] = False
+    save_map(map_data, path)
+    return info

@@ -34,6 +34,7 @@ from recon_slam.config import SlamConfig, load_config
 from recon_slam.frontend.keyframes import Keyframe, KeyframeMap, need_new_keyframe
 from recon_slam.frontend.predictors import Prediction, make_predictor
 from recon_slam.frontend.tracking import SourceLevel, Tracker, TrackResult, source_levels
+from recon_slam.geometry import lie
 from recon_slam.geometry.camera import PinholeCamera
 from recon_slam.io.frame import Frame
 
@@ -139,20 +140,33 @@ class SlamSystem:
         camera: intrinsics of the incoming frames (optional: each frame carries its own).
         backend: optional backend object to use instead of creating one (must offer
             ``add_keyframe``, ``relocalize``, ``wait_idle``, ``close``); ``False`` disables it.
+        predictor: optional pointmap predictor to use instead of the one ``config.mode``
+            selects (tests and benchmarks: e.g. the monocular
+            :class:`~recon_slam.frontend.oracle.OraclePredictor`). A two-view predictor
+            (``predictor.two_view``) runs the monocular path
+            (:class:`~recon_slam.frontend.mono.MonoFrontend`): Sim(3) keyframe and frame
+            poses, trajectory reported as their rigid part.
     """
 
     def __init__(self, config: SlamConfig | dict | str | None = None, camera: Optional[PinholeCamera] = None,
-                 backend: Any = None) -> None:
+                 backend: Any = None, predictor: Any = None) -> None:
         self.config = config if isinstance(config, SlamConfig) else load_config(config)
         self.config.validate()
         self.device = resolve_device(self.config.device)
         if self.config.cpu_threads > 0 and torch.get_num_threads() != self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
         self.camera = camera
-        self.predictor = make_predictor(self.config.mode, self.config.predictor, self.device)
+        self.predictor = predictor if predictor is not None else make_predictor(
+            self.config.mode, self.config.predictor, self.device, self.config.mono)
         self.tracker = Tracker(self.config.tracking, metric=self.predictor.metric)
+        self._mono = None
+        if getattr(self.predictor, "two_view", False):
+            from recon_slam.frontend.mono import MonoFrontend
+
+            self._mono = MonoFrontend(self)
         self.keyframe_map = KeyframeMap()
         self._lock = threading.RLock()
+        self.relocaliser = None  # a loaded map's scene-coordinate relocaliser (attach_relocaliser)
         self.backend = None
         if backend is False:
             self.backend = None
@@ -164,15 +178,38 @@ class SlamSystem:
                 log.info("backend enabled but recon_slam.backend.Backend is not available: running frontend only")
             else:
                 self.backend = cls(self.config.backend, self.keyframe_map, self.device)
+        self._attach_backend()
         self._reset_state()
+
+    def attach_relocaliser(self, relocaliser) -> None:
+        """Use a map's scene-coordinate relocaliser when tracking is lost (None detaches).
+
+        Args:
+            relocaliser: :class:`recon_slam.reloc.Relocaliser` whose world frame is this
+                engine's world frame (the map it was trained with is loaded), or None.
+        """
+        self.relocaliser = relocaliser
+
+    @property
+    def localize_only(self) -> bool:
+        """The map is not extended (``reloc.localize_only``): no new keyframes, no fusion."""
+        return bool(self.config.reloc.localize_only)
+
+    def _attach_backend(self) -> None:
+        """Monocular: the backend verifies keyframe pairs with the two-view predictor."""
+        if self._mono is not None and self.backend is not None and hasattr(self.backend, "pair_verifier"):
+            self.backend.pair_verifier = self._mono.verify_keyframe_pair
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
         self._records: list[_FrameRecord] = []
         self._kf_id: Optional[int] = None
         self._T_kf_last: Optional[np.ndarray] = None  # last good T_kf_frame (current kf)
+        self._last_inlier_fraction = 1.0  # of the last tracked frame against its keyframe
         self._T_world_prev: Optional[np.ndarray] = None  # last two good world poses
         self._T_world_prev2: Optional[np.ndarray] = None
+        self._t_prev: Optional[float] = None  # stamps of those poses (s)
+        self._t_prev2: Optional[float] = None
         self._lost_since: Optional[int] = None
         self._n_lost = 0
         self._n_frames = 0
@@ -181,6 +218,8 @@ class SlamSystem:
         self._stage_s: dict[str, float] = {}
         self._last_good_index: Optional[int] = None
         self._n_reloc_fail = 0
+        if getattr(self, "_mono", None) is not None:
+            self._mono.reset()
 
     def reset(self) -> None:
         """Forget the map and the trajectory (the backend, if any, is restarted)."""
@@ -192,7 +231,9 @@ class SlamSystem:
                 cls = _load_backend_class()
                 self.keyframe_map = KeyframeMap()
                 self.backend = cls(self.config.backend, self.keyframe_map, self.device) if cls else None
+                self._attach_backend()
             self.keyframe_map.clear()
+            self.relocaliser = None  # it belonged to the forgotten map
             self._reset_state()
 
     def close(self) -> None:
@@ -273,18 +314,33 @@ class SlamSystem:
     def _pose_world(self, kf_id: int, T_kf_frame: np.ndarray) -> np.ndarray:
         return _rigid(self.keyframe_map.pose(kf_id) @ T_kf_frame)
 
-    def _predict_init(self, kf_id: int) -> np.ndarray:
-        """Initial T_kf_frame: last pose, extrapolated with constant velocity if enabled."""
+    def _predict_init(self, kf_id: int, stamp: Optional[float] = None) -> np.ndarray:
+        """Initial T_kf_frame: last pose, extrapolated with constant velocity if enabled.
+
+        With stamps the velocity is scaled to the time since the last good frame (frames
+        skipped by a node or dropped by a camera), ``exp(r log V)`` with
+        ``r = dt_now / dt_last`` (clamped to [0, 5]).
+        """
         T_last = self._T_kf_last if self._T_kf_last is not None else np.eye(4)
         if (self.config.tracking.constant_velocity and self._T_world_prev is not None
                 and self._T_world_prev2 is not None):
             V = np.linalg.inv(self._T_world_prev2) @ self._T_world_prev
+            t1, t2 = self._t_prev, self._t_prev2
+            if stamp is not None and t1 is not None and t2 is not None and t1 - t2 > 1e-6:
+                r = float(np.clip((float(stamp) - t1) / (t1 - t2), 0.0, 5.0))
+                if abs(r - 1.0) > 1e-3:
+                    V = _rigid(V)
+                    xi = lie.se3_log(torch.as_tensor(V, dtype=torch.float64))
+                    V = lie.se3_exp(xi * r).numpy()
             return T_last @ V
         return T_last
 
-    def _push_good_pose(self, T_world: np.ndarray, reset_velocity: bool = False) -> None:
+    def _push_good_pose(self, T_world: np.ndarray, reset_velocity: bool = False,
+                        stamp: Optional[float] = None) -> None:
         self._T_world_prev2 = None if reset_velocity else self._T_world_prev
         self._T_world_prev = T_world
+        self._t_prev2 = None if reset_velocity else self._t_prev
+        self._t_prev = None if stamp is None else float(stamp)
 
     # ------------------------------------------------------------------ main entry
     def process(self, frame: Frame) -> FrameResult:
@@ -316,6 +372,8 @@ class SlamSystem:
         self._records.append(_FrameRecord(frame.index, float(frame.stamp), kf_id, T_kf_frame.copy(), state))
 
     def _process(self, frame: Frame) -> FrameResult:
+        if self._mono is not None:  # monocular (two-view predictor) path
+            return self._mono.process(frame)
         cfg = self.config
         t0 = time.perf_counter()
         pred = self.predictor.predict(frame)
@@ -330,7 +388,7 @@ class SlamSystem:
             kf = self._new_keyframe(frame, pred, np.eye(4))
             self._kf_id = kf.id
             self._T_kf_last = np.eye(4)
-            self._push_good_pose(np.eye(4), reset_velocity=True)
+            self._push_good_pose(np.eye(4), reset_velocity=True, stamp=frame.stamp)
             self._last_good_index = frame.index
             if self.backend is not None:
                 self.backend.add_keyframe(kf, None, None)
@@ -350,12 +408,15 @@ class SlamSystem:
             return self._relocalise(frame, pred, sources)
 
         kf = self.keyframe_map.get(self._kf_id)
-        T_init = self._predict_init(kf.id)
+        T_init = self._predict_init(kf.id, frame.stamp)
         tr = self._track(kf, sources, T_init)
-        if not tr.success and cfg.tracking.constant_velocity and self._T_kf_last is not None:
-            # retry from the last pose without the motion model
+        if cfg.tracking.constant_velocity and self._T_kf_last is not None and (
+                not tr.success or tr.inlier_fraction < self._last_inlier_fraction - cfg.tracking.retry_inlier_drop):
+            # failed, or suspicious (inliers fell sharply against the previous frame: a wrong
+            # basin, e.g. after dropped frames): retry from the last pose without the motion
+            # model and keep the better solve
             tr2 = self._track(kf, sources, self._T_kf_last)
-            if tr2.success:
+            if tr2.success and (not tr.success or tr2.inlier_fraction > tr.inlier_fraction):
                 tr = tr2
         t0 = self._tick("track", t0)
         if not tr.success:
@@ -368,8 +429,8 @@ class SlamSystem:
                 sources: Optional[list[SourceLevel]] = None) -> FrameResult:
         cfg = self.config
         T_kf_frame = tr.T_kf_frame
-        # fusion into the keyframe
-        if cfg.keyframes.fusion:
+        # fusion into the keyframe (a saved map in localise-only mode stays as it is)
+        if cfg.keyframes.fusion and not self.localize_only:
             self._fuse(kf, pred, T_kf_frame)
         is_kf = need_new_keyframe(tr.valid_fraction, tr.unique_fraction, cfg.keyframes.new_kf_match_threshold)
         T_world = self._pose_world(kf.id, T_kf_frame)
@@ -377,12 +438,16 @@ class SlamSystem:
         if is_kf:
             reuse = self._reuse_keyframe(pred, kf, T_world, sources)
             if reuse is not None:  # bounded map: an existing keyframe covers this view
-                kf_id, tr = reuse
+                kf_id, tr_reuse = reuse
+                self._report_reuse_loop(kf.id, T_kf_frame, kf_id, tr_reuse)
+                tr = tr_reuse
                 kf = self.keyframe_map.get(kf_id)
                 T_kf_frame = tr.T_kf_frame
                 T_world = self._pose_world(kf_id, T_kf_frame)
                 self._kf_id = kf_id
                 is_kf = False
+        if is_kf and self.localize_only:  # never extend the map: keep the current keyframe
+            is_kf = False
         if is_kf:
             T_world_new = self.keyframe_map.pose(kf.id) @ T_kf_frame
             new = self._new_keyframe(frame, pred, T_world_new)
@@ -391,20 +456,52 @@ class SlamSystem:
             self._kf_id = kf_id = new.id
             T_kf_frame = np.eye(4)
         self._T_kf_last = T_kf_frame
-        self._push_good_pose(T_world, reset_velocity=(state == "relocalised"))
+        self._last_inlier_fraction = tr.inlier_fraction if not is_kf else 1.0
+        self._push_good_pose(T_world, reset_velocity=(state == "relocalised"), stamp=frame.stamp)
         self._last_good_index = frame.index
         self._record(frame, kf_id, T_kf_frame, state)
         return FrameResult(frame.index, frame.stamp, T_world, state, is_kf, kf_id, tr.n_valid,
                            tr.valid_fraction, tr.unique_fraction)
 
+    def _is_loop_keyframe(self, current_id: int, other_id: int) -> bool:
+        """True when ``other_id`` is old enough that linking to it closes a loop."""
+        return other_id <= current_id - max(int(self.config.backend.loop_min_keyframe_gap), 1)
+
+    def _report_reuse_loop(self, current_id: int, T_cur_frame: np.ndarray, reused_id: int,
+                           tr_reused: TrackResult) -> None:
+        """Give the backend the loop edge measured when tracking re-anchors on an old keyframe.
+
+        The same frame was tracked against the current keyframe (``T_cur_frame``) and against
+        the reused one (``tr_reused.T_kf_frame``), so ``T_cur_reused = T_cur_frame @
+        inv(T_reused_frame)`` links the two keyframes. Re-anchoring on a nearby (recent)
+        keyframe adds nothing new; on an old one it closes a loop and the backend optimises.
+        """
+        b = self.backend
+        if b is None or not hasattr(b, "add_edge") or not self._is_loop_keyframe(current_id, reused_id):
+            return
+        if tr_reused.inlier_fraction < self.config.backend.verify_min_inlier_fraction:
+            return
+        T_cur_reused = T_cur_frame @ np.linalg.inv(tr_reused.T_kf_frame)
+        try:
+            b.add_edge(current_id, reused_id, T_cur_reused, None)
+        except Exception as exc:  # the backend must not take the frontend down
+            log.warning("backend add_edge failed: %s", exc)
+
     def _reuse_keyframe(self, pred: Prediction, current: Keyframe, T_world: np.ndarray,
                         sources: Optional[list[SourceLevel]] = None):
-        """(kf_id, TrackResult) of an existing keyframe covering the frame, or None."""
+        """(kf_id, TrackResult) of an existing keyframe covering the frame, or None.
+
+        With loop closure disabled only recent keyframes (within ``loop_min_keyframe_gap``)
+        may be reused: re-anchoring on an old keyframe is a loop closure.
+        """
         b = self.backend
         if b is None or not self.config.backend.reuse_keyframes or not hasattr(b, "covering_keyframe"):
             return None
+        exclude = [current.id]
+        if not self.config.backend.loop_closure:
+            exclude += [i for i in self.keyframe_map.ids() if self._is_loop_keyframe(current.id, i)]
         try:
-            hit = b.covering_keyframe(pred.X_cam, pred.C, pred.camera, T_world, exclude_ids=[current.id])
+            hit = b.covering_keyframe(pred.X_cam, pred.C, pred.camera, T_world, exclude_ids=exclude)
         except Exception as exc:  # the backend must not take the frontend down
             log.warning("backend covering_keyframe failed: %s", exc)
             return None
@@ -451,8 +548,13 @@ class SlamSystem:
                 if best is None or tr.inlier_fraction > best[1].inlier_fraction:
                     best = (kf, tr)
 
+        # 0. the map's scene-coordinate relocaliser (a loaded map), refined by the tracker
+        if self.relocaliser is not None and cfg.reloc.use_when_lost:
+            hit = self._scene_coordinate_guess(frame)
+            if hit is not None:
+                consider(self.keyframe_map.get(hit[0]), hit[1])
         # 1. the backend's relocaliser (retrieval), refined by the tracker
-        if self.backend is not None and hasattr(self.backend, "relocalize"):
+        if best is None and self.backend is not None and hasattr(self.backend, "relocalize"):
             try:
                 hit = self.backend.relocalize(pred)
             except Exception as exc:  # the backend must not take the frontend down
@@ -481,7 +583,7 @@ class SlamSystem:
         if best is None:
             self._n_reloc_fail += 1
             limit = cfg.keyframes.reinit_after_lost
-            if limit > 0 and self._n_reloc_fail >= limit:
+            if limit > 0 and self._n_reloc_fail >= limit and not self.localize_only:
                 return self._reinitialise(frame, pred, T_world_last)
             return self._lost(frame, "relocalisation failed")
         kf, tr = best
@@ -490,6 +592,30 @@ class SlamSystem:
         self._n_reloc_fail = 0
         self._n_reloc += 1
         return self._accept(frame, pred, kf, tr, "relocalised", sources)
+
+    def _scene_coordinate_guess(self, frame: Frame) -> Optional[tuple[int, np.ndarray]]:
+        """(keyframe id, T_kf_frame) from the relocaliser's pose of ``frame``, or None.
+
+        The keyframe is the one whose optical centre is closest to the relocalised camera
+        among those looking the same way (within 60 degrees).
+        """
+        try:
+            res = self.relocaliser.localize(frame.image, frame.camera)
+        except Exception as exc:  # the relocaliser must not take the frontend down
+            log.warning("scene-coordinate relocalisation failed: %s", exc)
+            return None
+        if not res.ok or res.T_world_cam is None:
+            return None
+        ids, poses = self.keyframe_map.poses()
+        if not ids:
+            return None
+        T = np.asarray(res.T_world_cam, dtype=np.float64)
+        d = np.linalg.norm(poses[:, :3, 3] - T[:3, 3], axis=1)
+        z = poses[:, :3, 2] / np.linalg.norm(poses[:, :3, 2], axis=1, keepdims=True)
+        facing = z @ T[:3, 2] > 0.5
+        d = np.where(facing, d, d + 1e3)
+        k = int(np.argmin(d))
+        return ids[k], np.linalg.inv(poses[k]) @ T
 
     def _reinitialise(self, frame: Frame, pred: Prediction, T_world_last: np.ndarray) -> FrameResult:
         """Give up relocalising: new keyframe at the last good pose (no edge to the old map)."""
@@ -500,7 +626,7 @@ class SlamSystem:
         self._lost_since = None
         self._n_reloc_fail = 0
         self._T_kf_last = np.eye(4)
-        self._push_good_pose(T_world_last, reset_velocity=True)
+        self._push_good_pose(T_world_last, reset_velocity=True, stamp=frame.stamp)
         self._last_good_index = frame.index
         self._record(frame, kf.id, np.eye(4), "initialising")
         n = int((pred.C > 0).sum())

@@ -446,3 +446,88 @@ def test_compressed_rgbd_and_stereo_inputs(harness, tmp_path):
     finally:
         proc.stop()
     assert "Traceback" not in proc.log_path.read_text()
+
+
+# ---------------------------------------------------------------------------------- engine process
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (ProcessLookupError, OSError):
+        return False
+
+
+def _burst(h: Harness, proc: NodeProcess, frames, engine_process: bool) -> None:
+    """Frames much faster than the engine: skipped (counted), never queued; the newest is published."""
+    assert not _lockstep(h, frames[:2]), proc.log()[-2000:]  # engine built and warm
+    for f in frames[2:]:  # back to back (a few ms each): far faster than the engine
+        h.publish_frame(f)
+    assert h.wait_for(lambda: h.odometry_stamps() and h.odometry_stamps()[-1] >= frames[-3].stamp - 1e-6, 20)
+    time.sleep(0.3)
+    got = h.odometry_stamps()
+    # the pose published last is for one of the newest frames (best-effort input may lose the very last)
+    assert got == sorted(got) and any(abs(got[-1] - f.stamp) < 1e-6 for f in frames[-3:]), got
+    st = h.wait_diag(lambda s: int(_values(s).get("frames_processed", "0")) == len(got), 5)
+    assert st is not None, proc.log()[-2000:]
+    v = _values(st)
+    assert v["engine"] == (f"process (pid {v['engine_pid']})" if engine_process else "thread")
+    skipped = int(v["dropped_by_policy"])
+    assert skipped > 0 and len(got) < len(frames), (skipped, len(got))
+    assert len(got) + skipped <= int(v["frames_received"]), v
+    for key in ("latency_p50_ms", "latency_p90_ms", "pose_age_ms_p50", "pose_age_ms_max"):
+        assert float(v[key]) > 0, (key, v)
+
+
+@pytest.mark.slow
+def test_engine_thread_mode_skips_bursts_and_serves_reset(harness, tmp_path):
+    from ros_synth import synthetic_frames
+
+    frames = synthetic_frames(24, WIDTH, HEIGHT)
+    proc = NodeProcess(tmp_path, *ENGINE_ARGS, "-p", "engine_process:=false", "-p", "diagnostics_period:=0.5")
+    h = harness
+    try:
+        h.wait_ready(proc)
+        _burst(h, proc, frames, engine_process=False)
+        r = h.trigger("reset")
+        assert r.success, r.message
+        assert not _lockstep(h, frames[:2])  # tracking again after the reset
+    finally:
+        code = proc.stop()
+    log = proc.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert code in (0, -signal.SIGINT), (code, log[-2000:])
+
+
+@pytest.mark.slow
+def test_engine_process_skips_bursts_survives_a_crash_and_leaves_no_orphan(harness, tmp_path):
+    from ros_synth import synthetic_frames
+
+    frames = synthetic_frames(27, WIDTH, HEIGHT)
+    proc = NodeProcess(tmp_path, *ENGINE_ARGS, "-p", "diagnostics_period:=0.5")
+    h = harness
+    try:
+        h.wait_ready(proc)
+        _burst(h, proc, frames[:24], engine_process=True)
+        pid = int(_values(h.last_diag())["engine_pid"])
+        os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer
+        st = h.wait_diag(lambda s: "SIGKILL" in s.message, 10)
+        assert st is not None and _level(st) == 2 and "restarted" in st.message, proc.log()[-2000:]
+        assert proc.alive()
+        # restarted after a back-off: a new engine process, tracking again
+        st = h.wait_diag(lambda s: _values(s).get("engine_pid") not in ("", str(pid)), 20)
+        assert st is not None and _values(st)["engine_restarts"] == "1", proc.log()[-2000:]
+        new_pid = int(_values(st)["engine_pid"])
+        assert len(_lockstep(h, frames[24:])) <= 1, proc.log()[-2000:]
+        log = proc.log()
+        assert "the engine process was killed by signal SIGKILL" in log and "engine process restarted" in log
+        assert "Traceback" not in log, log[-3000:]
+        # the node killed outright: its engine process goes too (no orphan)
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(10)
+        end = time.monotonic() + 10
+        while _pid_alive(new_pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _pid_alive(new_pid), "the engine process outlived the node"
+    finally:
+        proc.stop()

@@ -35,6 +35,7 @@ from recon_slam.io.ros_outputs import (
     output_topics,
 )
 from recon_slam.io.tf_buffer import TfBuffer, TfLookupError
+from recon_slam.maps import MAP_VERSION
 
 TYPES = RosbagsTypes()
 CAM = PinholeCamera(160, 120, 120.0, 120.0, 79.5, 59.5)
@@ -365,7 +366,7 @@ def test_map_round_trip(tmp_path):
     data = _map_data()
     save_map(data, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
-    assert meta["format"] == "recon_slam_map" and meta["version"] == 1 and meta["n_keyframes"] == 3
+    assert meta["format"] == "recon_slam_map" and meta["version"] == MAP_VERSION and meta["n_keyframes"] == 3
     assert set(meta["files"]) >= {"keyframes.npz", "kf_000000.npz", "cloud.ply", "trajectory.txt"}
     back = load_map(tmp_path / "m", with_cloud=True)
     assert [k.id for k in back.keyframes] == [0, 1, 2] and back.mode == "rgbd"

@@ -66,7 +66,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "enabled": True,
     "loop_closure": True,
     "retrieval_top_k": 3,
-    "retrieval_min_score": 0.1,
+    "retrieval_min_score": 0.05,
     "loop_min_keyframe_gap": 5,
     "verify_min_inlier_fraction": 0.1,
     "reloc_min_inlier_fraction": 0.3,
@@ -139,6 +139,10 @@ class Backend:
         self.last_optim_ms = 0.0
         self.last_verify_ms = 0.0
         self.last_optim_stats = None
+        #: optional ``pair_verifier(kf_a, kf_b, min_inlier_fraction) -> VerificationResult`` used
+        #: instead of :func:`verify_pair` for loop candidates (the monocular engine sets it:
+        #: symmetric two-view prediction of the pair)
+        self.pair_verifier = None
         self._thread = threading.Thread(target=self._run, name="recon_slam-backend", daemon=True)
         self._thread.start()
 
@@ -443,11 +447,14 @@ class Backend:
                     continue
                 ca = self.map.get(cand_id)
                 Xa, Ca = ca.snapshot()
-                res = verify_pair(
-                    ca.image, Xa, Ca, ca.camera, kf.image, Xb.to(Xa.device), Cb.to(Xa.device), kf.camera,
-                    group=group, min_inlier_fraction=float(_cfg(cfg, "verify_min_inlier_fraction")),
-                    features_a=self._kf_features(ca), features_b=feat, params=self.verify_params,
-                )
+                if self.pair_verifier is not None:
+                    res = self.pair_verifier(ca, kf, float(_cfg(cfg, "verify_min_inlier_fraction")))
+                else:
+                    res = verify_pair(
+                        ca.image, Xa, Ca, ca.camera, kf.image, Xb.to(Xa.device), Cb.to(Xa.device), kf.camera,
+                        group=group, min_inlier_fraction=float(_cfg(cfg, "verify_min_inlier_fraction")),
+                        features_a=self._kf_features(ca), features_b=feat, params=self.verify_params,
+                    )
                 log.debug("loop candidate %d-%d score %.3f: %s %s", cand_id, kf.id, score, res.success, res.reason)
                 if res.success:
                     new_edges.append(BackendEdge(

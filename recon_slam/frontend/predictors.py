@@ -72,6 +72,27 @@ class Prediction:
         return float(self.valid.float().mean())
 
 
+@dataclass
+class TwoViewPrediction(Prediction):
+    """Output of a two-view predictor (MASt3R-style) for a (frame, keyframe) pair.
+
+    The inherited fields describe view 1, the frame: ``X_cam`` (H, W, 3) its points in its
+    own camera frame, ``C``, ``D`` (H, W, F), ``Q``. The ``*_other`` fields describe view 2,
+    the keyframe's pixels, predicted by the same pass: ``X_other`` (H2, W2, 3) the keyframe's
+    points **expressed in the frame's camera** (same unknown scale as ``X_cam``), ``C_other``,
+    ``D_other``, ``Q_other``; all None for a single-view pass (no keyframe). ``other_index``
+    is the frame index of the keyframe (-1 when none). Both views are up to one unknown scale
+    per pair; ``camera`` is the intrinsics of the processing resolution when known (the
+    engine uses it only in calibrated mode).
+    """
+
+    X_other: Optional[torch.Tensor] = None
+    C_other: Optional[torch.Tensor] = None
+    D_other: Optional[torch.Tensor] = None
+    Q_other: Optional[torch.Tensor] = None
+    other_index: int = -1
+
+
 class PointmapPredictor(abc.ABC):
     """Interface of every pointmap predictor.
 
@@ -275,6 +296,53 @@ def depth_to_prediction(
     return pred
 
 
+_RAY_TENSORS: dict = {}
+
+
+def _depth_to_prediction_torch(depth, camera: PinholeCamera, image: np.ndarray, config: PredictorConfig,
+                               device: torch.device, index: int, stamp: float) -> Prediction:
+    """:func:`depth_to_prediction` computed on the device (same maps; used on CUDA).
+
+    Only the depth (H, W) float32 and the image (H, W, 3) uint8 are uploaded; validity,
+    discontinuities, the noise-model confidence and the points are computed there. The
+    noise model is the predictor's ``sigma(z) = base + quadratic z^2``.
+    """
+    z = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)).to(device, non_blocking=True)
+    valid = (z >= max(config.min_depth, 1e-9)) & (z <= config.max_depth)
+    z = torch.where(valid, z, torch.zeros_like(z))
+    r = config.discontinuity_ratio
+    disc = torch.zeros_like(valid)
+    jump = valid[:, 1:] & valid[:, :-1] & ((z[:, 1:] - z[:, :-1]).abs() > r * torch.minimum(z[:, 1:], z[:, :-1]))
+    disc[:, 1:] |= jump
+    disc[:, :-1] |= jump
+    jump = valid[1:] & valid[:-1] & ((z[1:] - z[:-1]).abs() > r * torch.minimum(z[1:], z[:-1]))
+    disc[1:] |= jump
+    disc[:-1] |= jump
+    valid &= ~disc
+    sigma = config.depth_sigma_base + config.depth_sigma_quadratic * z * z
+    valid &= sigma > 0
+    sigma_ref = config.depth_sigma_base + config.depth_sigma_quadratic
+    C = torch.where(valid, (sigma_ref / sigma.clamp_min(1e-12)) ** 2, torch.zeros_like(z))
+    z = torch.where(valid, z, torch.zeros_like(z))
+    key = (camera, str(device))
+    rays = _RAY_TENSORS.get(key)
+    if rays is None:
+        if len(_RAY_TENSORS) > 16:
+            _RAY_TENSORS.clear()
+        rays = _RAY_TENSORS[key] = torch.from_numpy(pixel_rays_chw(camera)).to(device)
+    X_chw = rays * z[None]
+    pred = Prediction(
+        X_cam=X_chw.permute(1, 2, 0),
+        C=C,
+        camera=camera,
+        image=torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True),
+        index=index,
+        stamp=stamp,
+    )
+    pred.__dict__["_X_chw"] = (pred.X_cam, X_chw)
+    return pred
+
+
 class RgbdPredictor(PointmapPredictor):
     """Pointmap from a registered metric depth image (RGB-D cameras, synthetic depth).
 
@@ -306,6 +374,8 @@ class RgbdPredictor(PointmapPredictor):
         depth = np.where((depth > 0) & (depth <= self.config.max_depth), depth, np.float32(0.0))
         z = resize_depth(depth, cam.width, cam.height, self.config.discontinuity_ratio)
         img = resize_image(img, cam.width, cam.height)
+        if self.device.type == "cuda":  # the maps are computed on the device
+            return _depth_to_prediction_torch(z, cam, img, self.config, self.device, frame.index, frame.stamp)
         sigma = self.config.depth_sigma_base + self.config.depth_sigma_quadratic * z * z
         return depth_to_prediction(z, cam, img, sigma, self.config, self.device, frame.index, frame.stamp)
 
@@ -399,10 +469,20 @@ class StereoPredictor(PointmapPredictor):
         return depth_to_prediction(depth, cam, img, sigma, self.config, self.device, frame.index, frame.stamp)
 
 
-def make_predictor(mode: str, config: PredictorConfig, device: torch.device | str = "cpu") -> PointmapPredictor:
-    """Predictor for input ``mode`` ('rgbd' or 'stereo')."""
+def make_predictor(mode: str, config: PredictorConfig, device: torch.device | str = "cpu",
+                   mono_config=None) -> PointmapPredictor:
+    """Predictor for input ``mode`` ('rgbd', 'stereo' or 'mono').
+
+    Mode 'mono' builds the MASt3R network predictor from ``mono_config.checkpoint``
+    (:class:`~recon_slam.frontend.mast3r_predictor.Mast3rPredictor`); it fails with an
+    :class:`InputError` saying where to get the weights when none is given.
+    """
     if mode == "rgbd":
         return RgbdPredictor(config, device)
     if mode == "stereo":
         return StereoPredictor(config, device)
-    raise InputError(f"unknown mode {mode!r}: use 'rgbd' or 'stereo'")
+    if mode == "mono":
+        from recon_slam.frontend.mast3r_predictor import Mast3rPredictor
+
+        return Mast3rPredictor(config, device, mono_config=mono_config)
+    raise InputError(f"unknown mode {mode!r}: use 'rgbd', 'stereo' or 'mono'")

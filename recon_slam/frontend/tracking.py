@@ -718,6 +718,16 @@ class Tracker:
         iters_total = 0
         H_last = None
         cost = float("inf")
+        all_sources, all_references = sources, references
+        mode = getattr(cfg, "device_loop", "auto")
+        if mode in ("device", "graph") or (mode == "auto" and dev.type == "cuda"):
+            from recon_slam.frontend.tracking_device import track_device_loop, track_graphed
+
+            solve = track_graphed if mode in ("graph", "auto") else track_device_loop
+            T, H_last, cost, iters_total, n_valid = solve(self, sources, references, T)
+            if H_last is None:
+                return TrackResult(T, False, n_valid, 0.0, reason="too few valid matches")
+            sources, references = [], []  # solved: skip the host loop, go to the statistics
         for li, (src, ref) in enumerate(zip(sources, references)):
             n_iter = cfg.iterations[li] if li < len(cfg.iterations) else cfg.iterations[-1]
             if src.n < 10 or ref.n_valid < 10:
@@ -759,8 +769,8 @@ class Tracker:
             return TrackResult(T, False, reason="no valid points")
         T_np = T
         # statistics with the final pose
-        si = self._stats_level(sources) if stats_level is None else stats_level
-        valid_fraction, unique, n_valid, inliers = self.match_statistics(T_np, sources[si], references[si])
+        si = self._stats_level(all_sources) if stats_level is None else stats_level
+        valid_fraction, unique, n_valid, inliers = self.match_statistics(T_np, all_sources[si], all_references[si])
         # information for the backend: the last Hessian of the finest level
         info = H_last
         res = TrackResult(T_np, True, n_valid, valid_fraction, unique, info, cost, iters_total,

@@ -1,4 +1,4 @@
-"""Saving and loading maps (interim versioned folder format; see :mod:`recon_slam.maps.format`)."""
+"""Saving and loading maps (versioned, atomic folder format; see :mod:`recon_slam.maps.format`)."""
 
 from recon_slam.maps.format import (
     MAP_FORMAT,
@@ -7,6 +7,7 @@ from recon_slam.maps.format import (
     MapData,
     MapError,
     load_map,
+    load_relocaliser,
     load_system_map,
     map_from_system,
     restore_into_system,
@@ -21,6 +22,7 @@ __all__ = [
     "MapData",
     "MapError",
     "load_map",
+    "load_relocaliser",
     "load_system_map",
     "map_from_system",
     "restore_into_system",

@@ -1,8 +1,9 @@
 """Saved maps: a small versioned folder, written atomically, verified on load.
 
-This is the interim map format used by the ROS node's ``~/save_map`` / ``~/load_map``
-services until the engine grows its own (a later issue); it is self-contained and only
-touches the engine through :func:`map_from_system` and :func:`restore_into_system`.
+Used by the ROS node's ``~/save_map`` / ``~/load_map`` services, ``recon-slam run
+--save-map``, ``recon-slam map`` (relocaliser for an existing run), ``recon-slam reloc``
+and ``--localize-only``. It touches the engine only through :func:`map_from_system` and
+:func:`restore_into_system` (public engine API).
 
 Folder layout (format ``recon_slam_map``, :data:`MAP_VERSION`)::
 
@@ -15,8 +16,13 @@ Folder layout (format ``recon_slam_map``, :data:`MAP_VERSION`)::
     kf_000000.npz    one per keyframe: X (H, W, 3) float32 pointmap in the keyframe's
                      optical frame, C (H, W) float32 confidence, image (H, W, 3) uint8 RGB,
                      camera (7,) float64 [width, height, fx, fy, cx, cy, 0] [, D, Q]
-    trajectory.txt   TUM poses of the session's frames (T_world_cam; for people, not loaded)
-    cloud.ply        fused coloured cloud in the world frame (for viewers, not loaded)
+    trajectory.txt   TUM poses of the session's frames (T_world_cam)
+    cloud.ply        fused coloured cloud in the world frame (for viewers and RViz)
+    relocaliser.pt   optional: scene-coordinate relocaliser state (torch.save of CPU
+                     tensors and plain data, read with weights_only=True)
+
+Metadata (version 2) also holds ``camera_model``, ``n_frames``, ``has_relocaliser``,
+``slam_state`` (false for relocaliser-only maps) and ``T_gt_world`` (evaluation only).
 
 Atomicity: the map is written completely into a hidden sibling folder (files fsynced,
 ``metadata.json`` with the checksums last), then swapped in by two renames:
@@ -58,10 +64,13 @@ __all__ = [
     "restore_into_system",
     "save_system_map",
     "load_system_map",
+    "load_relocaliser",
 ]
 
 MAP_FORMAT = "recon_slam_map"
-MAP_VERSION = 1
+#: 2: optional relocaliser (``relocaliser.pt``), ``T_gt_world``, relocaliser-only maps
+MAP_VERSION = 2
+_RELOC_FILE = "relocaliser.pt"
 _METADATA = "metadata.json"
 
 
@@ -110,7 +119,15 @@ class MapData:
             when unknown).
         trajectory: optional (stamps (N,), T_world_cam (N, 4, 4)).
         cloud: optional (xyz (M, 3) float32, rgb (M, 3) uint8) in the world frame.
+        relocaliser: optional state of the scene-coordinate relocaliser
+            (:meth:`recon_slam.reloc.Relocaliser.state_dict`: CPU tensors and plain data);
+            see :func:`load_relocaliser`.
+        T_gt_world: optional (4, 4) alignment of the map's world frame to the ground truth
+            of the mapping session (evaluation only: ``recon-slam reloc`` scores against it).
         metadata: the parsed metadata.json (after :func:`load_map`).
+
+    A map without keyframes (``recon-slam map``) holds only the relocaliser: it can
+    localise but SLAM cannot continue mapping in it.
     """
 
     keyframes: list[KeyframeData]
@@ -119,7 +136,15 @@ class MapData:
     T_map_world: np.ndarray = field(default_factory=lambda: np.eye(4))
     trajectory: Optional[tuple[np.ndarray, np.ndarray]] = None
     cloud: Optional[tuple[np.ndarray, np.ndarray]] = None
+    relocaliser: Optional[dict] = None
+    T_gt_world: Optional[np.ndarray] = None
+    camera: Optional[PinholeCamera] = None
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def has_slam_state(self) -> bool:
+        """True when SLAM can continue in the map (it holds keyframes)."""
+        return bool(self.keyframes)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -215,7 +240,7 @@ def save_map(data: MapData, path: str | Path, *, _fail_after: Optional[str] = No
             at ``path`` is left untouched.
     """
     path = Path(path).expanduser()
-    if not data.keyframes:
+    if not data.keyframes and data.relocaliser is None:
         raise MapError("the map is empty (no keyframes yet): let the node track for a while before saving")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +254,7 @@ def save_map(data: MapData, path: str | Path, *, _fail_after: Optional[str] = No
             ids=np.array([k.id for k in kfs], dtype=np.int64),
             frame_index=np.array([k.frame_index for k in kfs], dtype=np.int64),
             stamps=np.array([k.stamp for k in kfs], dtype=np.float64),
-            T_world_kf=np.stack([np.asarray(k.T_world_kf, dtype=np.float64) for k in kfs]),
+            T_world_kf=np.array([np.asarray(k.T_world_kf, dtype=np.float64) for k in kfs]).reshape(-1, 4, 4),
             n_fused=np.array([k.n_fused for k in kfs], dtype=np.int64),
             metric=np.array([k.metric for k in kfs], dtype=bool),
             calibrated=np.array([k.calibrated for k in kfs], dtype=bool),
@@ -254,13 +279,19 @@ def save_map(data: MapData, path: str | Path, *, _fail_after: Optional[str] = No
                 write_tum(tmp / "trajectory.txt", stamps, T, header="recon_slam map: frames of the mapping session (T_world_cam)")
         if data.cloud is not None:
             _write_ply(tmp / "cloud.ply", data.cloud[0], data.cloud[1])
+        if data.relocaliser is not None:
+            import torch
+
+            torch.save(_to_cpu(data.relocaliser), tmp / _RELOC_FILE)
         if _fail_after == "files":
             raise OSError("simulated crash after writing the files")
         files = {}
         for p in sorted(tmp.iterdir()):
             _fsync_file(p)
             files[p.name] = _sha256(p)
-        cam0 = kfs[0].camera
+        cam0 = kfs[0].camera if kfs else data.camera
+        if cam0 is None:
+            raise MapError("a map without keyframes needs its camera (MapData.camera)")
         meta = {
             "format": MAP_FORMAT,
             "version": MAP_VERSION,
@@ -268,8 +299,13 @@ def save_map(data: MapData, path: str | Path, *, _fail_after: Optional[str] = No
             "recon_slam_version": __version__,
             "mode": data.mode,
             "camera": cam0.to_dict(),
+            "camera_model": "pinhole",
             "n_keyframes": len(kfs),
+            "n_frames": 0 if data.trajectory is None else int(len(data.trajectory[0])),
+            "has_relocaliser": data.relocaliser is not None,
+            "slam_state": bool(kfs),
             "T_map_world": np.asarray(data.T_map_world, dtype=np.float64).tolist(),
+            "T_gt_world": None if data.T_gt_world is None else np.asarray(data.T_gt_world, dtype=np.float64).tolist(),
             "config": data.config,
             "files": files,
         }
@@ -379,6 +415,16 @@ def load_map(path: str | Path, *, with_cloud: bool = False) -> MapData:
 
         trajectory = read_tum(path / "trajectory.txt")
     cloud = _read_ply(path / "cloud.ply") if with_cloud and (path / "cloud.ply").is_file() else None
+    reloc = None
+    if _RELOC_FILE in files:
+        import torch
+
+        try:
+            reloc = torch.load(path / _RELOC_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - checksummed, so this is a foreign/old file
+            raise MapError(f"{path}: {_RELOC_FILE} cannot be read ({exc}): rebuild the relocaliser "
+                           "with `recon-slam map`") from None
+    T_gt = meta.get("T_gt_world")
     if warning:
         meta["warning"] = warning
     meta["loaded_from"] = str(path)
@@ -389,8 +435,53 @@ def load_map(path: str | Path, *, with_cloud: bool = False) -> MapData:
         T_map_world=np.asarray(meta.get("T_map_world", np.eye(4).tolist()), dtype=np.float64),
         trajectory=trajectory,
         cloud=cloud,
+        relocaliser=reloc,
+        T_gt_world=None if T_gt is None else np.asarray(T_gt, dtype=np.float64),
+        camera=PinholeCamera.from_dict(meta["camera"]) if isinstance(meta.get("camera"), dict) else None,
         metadata=meta,
     )
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Nested structure with every tensor moved to the CPU (maps load anywhere)."""
+    if hasattr(obj, "detach"):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def load_relocaliser(data: MapData, device: Any = "cpu"):
+    """The map's scene-coordinate relocaliser on ``device``.
+
+    Args:
+        data: a loaded map; device: 'cpu', 'cuda', 'auto' or a torch device.
+
+    Returns:
+        :class:`recon_slam.reloc.Relocaliser`.
+
+    Raises:
+        MapError: the map has no relocaliser (build one with ``recon-slam map``) or its
+            state is not one this version understands.
+    """
+    if data.relocaliser is None:
+        where = data.metadata.get("loaded_from", "the map")
+        raise MapError(f"{where} has no relocaliser: build it with `recon-slam map RUN_DIR --out MAP` "
+                       "or save the map with `recon-slam run ... --save-map DIR`")
+    from recon_slam.reloc.relocaliser import Relocaliser
+
+    if str(device) == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return Relocaliser.from_state_dict(data.relocaliser, device)
+    except MapError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MapError(f"the map's relocaliser cannot be restored ({exc}): rebuild it with `recon-slam map`") from None
 
 
 # ---------------------------------------------------------------------------- engine side
@@ -463,6 +554,9 @@ def restore_into_system(system: Any, data: MapData) -> int:
 
     from recon_slam.frontend.keyframes import Keyframe
 
+    if not data.keyframes:
+        raise MapError("the map holds no SLAM keyframes (a relocaliser-only map from `recon-slam map`): "
+                       "use it with --localize-only / reloc_node, or save a full map with --save-map")
     if data.mode != system.config.mode:
         raise MapError(
             f"the map was built in mode {data.mode!r} but the engine runs in mode {system.config.mode!r}: "
@@ -515,11 +609,8 @@ def restore_into_system(system: Any, data: MapData) -> int:
                 last = np.asarray(data.trajectory[1][-1], dtype=np.float64)
                 if last.shape == (4, 4) and np.all(np.isfinite(last)):
                     T_world_last = last
-            system._kf_id = kfs[-1].id
-            system._T_kf_last = np.linalg.inv(T_world_kf) @ T_world_last
-            system._T_world_prev = T_world_last
-            system._T_world_prev2 = None
-            system._lost_since = 0
+    if kfs:
+        system.start_lost_at(kfs[-1].id, T_world_last)
     return len(kfs)
 
 

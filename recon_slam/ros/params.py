@@ -5,7 +5,7 @@ The node declares two groups of ROS parameters:
 * every field of the engine's :class:`~recon_slam.config.SlamConfig`, under its dotted
   name (``mode``, ``device``, ``tracking.huber_k``, ``predictor.width``, ...), and
 * the node's own settings, :data:`NODE_PARAMETERS` (topics, synchronisation, frames, TF,
-  map path, output rates).
+  map path, output rates, where the engine runs).
 
 :func:`engine_config_from_params` and :func:`node_settings_from_params` turn plain
 ``{name: value}`` mappings into validated objects and raise
@@ -78,6 +78,11 @@ NODE_PARAMETERS: dict[str, tuple[Any, str]] = {
     "max_frame_age": (0.0, "drop a frame that waited longer than this (s) for the engine; 0 = never "
                       "(only the newest frame is ever kept waiting)"),
     "no_data_timeout": (5.0, "warn when no input arrives for this long (s)"),
+    "engine_process": (True, "run the engine in a process of its own (fed the newest frame through shared memory; "
+                       "the node and the engine do not share Python's interpreter lock); false = in a thread of "
+                       "the node (one process, for debugging and profiling); read-only"),
+    "engine_command_timeout": (30.0, "seconds to wait for the engine process to answer a service (reset, save_map, "
+                               "load_map) or a map snapshot before reporting it busy or stuck"),
     "diagnostics_period": (1.0, "/diagnostics period (s)"),
 }
 
@@ -88,7 +93,8 @@ ARRAY_PARAMETERS: dict[str, str] = {
 }
 
 #: parameters fixed at start-up (they choose subscriptions); change them with a restart
-READ_ONLY_PARAMETERS = ("mode", "image_transport", "depth_transport", "input_qos_reliability", "input_qos_depth")
+READ_ONLY_PARAMETERS = ("mode", "image_transport", "depth_transport", "input_qos_reliability", "input_qos_depth",
+                        "engine_process")
 
 _CHOICES = {
     "image_transport": ("raw", "compressed"),
@@ -98,7 +104,7 @@ _CHOICES = {
 _NON_NEGATIVE = ("sync_tolerance", "extrinsic_wait", "stereo_baseline", "max_frame_age", "cloud_voxel",
                  "odom_jump_translation", "odom_jump_rotation")
 _POSITIVE = ("sync_queue_size", "input_qos_depth", "path_period", "markers_period", "cloud_period",
-             "cloud_max_points", "frustum_scale", "no_data_timeout", "diagnostics_period")
+             "cloud_max_points", "frustum_scale", "no_data_timeout", "diagnostics_period", "engine_command_timeout")
 
 MONO_MESSAGE = (
     "mode 'mono' needs the MASt3R pointmap predictor, which this release does not include yet: use mode "
@@ -131,6 +137,9 @@ class NodeSettings:
     max_frame_age: float = 0.0
     no_data_timeout: float = 5.0
     diagnostics_period: float = 1.0
+    #: engine in its own process (True) or in a worker thread of the node (False)
+    engine_process: bool = True
+    engine_command_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.frames is None:
@@ -288,6 +297,8 @@ def node_settings_from_params(values: Mapping[str, Any]) -> NodeSettings:
         max_frame_age=v["max_frame_age"],
         no_data_timeout=v["no_data_timeout"],
         diagnostics_period=v["diagnostics_period"],
+        engine_process=v["engine_process"],
+        engine_command_timeout=v["engine_command_timeout"],
     )
 
 

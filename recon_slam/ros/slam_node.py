@@ -1,20 +1,38 @@
 """The SLAM node: ``ros2 run recon_slam slam_node``.
 
-Threads (the executor's callbacks never wait for the engine):
+The engine (:class:`~recon_slam.system.SlamSystem`) runs, by parameter ``engine_process``:
 
-* the executor thread: subscription callbacks only timestamp the message and hand it to
-  a :class:`~recon_slam.io.sync.StampSynchronizer`; a complete set goes into a
-  :class:`~recon_slam.io.ros_inputs.LatestSlot` (one frame; a newer frame replaces an
-  untaken one and is counted as dropped). Services, parameters and timers run there too
-  (callback groups are set, so a multi-threaded executor can serve the node as well).
-* the engine worker: takes the newest frame, decodes it, runs
-  :meth:`SlamSystem.process` and publishes odometry, pose and ``/tf`` at once.
-* the map publisher: builds path, keyframe markers and the map cloud (the slow outputs)
-  when :meth:`RosOutputs.due` says so, without holding up the worker.
+* ``true`` (default): in a process of its own (:mod:`recon_slam.ros.engine_process`). The
+  node and the engine then do not share an interpreter lock, so message handling and the
+  map outputs do not slow tracking down (measured: the engine ran 2-3x slower inside the
+  node on 2 cores, see ``benchmarks/bench_node_latency.py``).
+* ``false``: in a worker thread of the node (one process; easier to debug and profile).
+
+Threads of the node, engine in its own process:
+
+* the executor thread: subscription callbacks timestamp the message and hand it to a
+  :class:`~recon_slam.io.sync.StampSynchronizer`; a complete set is copied (raw bytes) into
+  the one-slot newest-frame channel in shared memory
+  (:class:`~recon_slam.ros.engine_process.FrameChannel`): a newer frame replaces one the
+  engine has not taken yet and is counted as skipped, so frames never queue up. Services,
+  parameters and timers run there too; services are forwarded to the engine process as
+  commands with replies and timeouts.
+* the result reader: receives each processed frame's result (pose, state, keyframe id,
+  stats) and publishes odometry, pose and ``/tf`` at once; it also reports engine errors
+  (``/diagnostics`` + log) and the engine process ending (restarted after a back-off).
+* the map publisher: asks the engine process for path, keyframes and cloud snapshots at
+  their throttled rates (:meth:`RosOutputs.due`) and builds those slow messages, off the
+  path of the per-frame outputs.
+
+Engine in a worker thread: the executor thread puts complete sets into a
+:class:`~recon_slam.io.ros_inputs.LatestSlot` (same newest-frame policy); the worker decodes,
+runs :meth:`SlamSystem.process` and publishes; the map publisher reads the engine directly.
 
 Every message is built by :class:`~recon_slam.io.ros_outputs.RosOutputs` (the same code
 ``recon-slam replay`` uses). Topics, parameters and frames: see ``README_on_a_robot`` and
-:mod:`recon_slam.ros.params`.
+:mod:`recon_slam.ros.params`. ``/diagnostics`` reports the node's own latency (image arrival
+-> odometry published) and pose age (at each image arrival, how long ago the image of the
+newest published pose arrived).
 """
 
 from __future__ import annotations
@@ -43,6 +61,7 @@ from recon_slam.io.ros_inputs import LatestSlot, frame_from_messages
 from recon_slam.io.ros_outputs import NODE_NAME, MapCloudCache, NodeStatus, RosOutputs, graph_edges
 from recon_slam.io.sync import StampSynchronizer
 from recon_slam.io.tf_buffer import TfBuffer, TfLookupError
+from recon_slam.ros.engine_process import EngineClient, EngineUnavailable, pack_frame, warm_up_torch
 from recon_slam.ros.params import (
     ARRAY_PARAMETERS,
     NODE_PARAMETERS,
@@ -53,7 +72,12 @@ from recon_slam.ros.params import (
     node_settings_from_params,
 )
 
-__all__ = ["SlamNode", "main"]
+__all__ = ["SlamNode", "main", "MAP_OUTPUT_CPU_SHARE"]
+
+#: the slow map outputs (path, keyframe markers, cloud) are rebuilt at their parameter periods, but
+#: never so often that building one takes more than this share of the time since its last build
+#: (the path gains a pose per frame: on a long run it would otherwise take a core next to the engine)
+MAP_OUTPUT_CPU_SHARE = 0.15
 
 try:  # not on PyPI; present on every ROS install
     from tf2_msgs.msg import TFMessage
@@ -101,7 +125,8 @@ class SlamNode(Node):
     ``/tf_static`` (and ``/tf`` when odometry comes from the robot) when tf2_msgs exists.
     Publications: ``~/odometry``, ``~/pose``, ``~/path``, ``~/map_cloud`` (latched),
     ``~/keyframes`` (latched), ``/diagnostics``, ``/tf``, ``/tf_static``.
-    Services (std_srvs/Trigger): ``~/reset``, ``~/save_map``, ``~/load_map``.
+    Services (std_srvs/Trigger): ``~/reset``, ``~/save_map``, ``~/load_map`` (forwarded to the engine
+    process when ``engine_process`` is true).
     """
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
@@ -158,11 +183,37 @@ class SlamNode(Node):
         self._proc_times: deque = deque(maxlen=30)
         self._latencies: deque = deque(maxlen=300)
         self._engine_ms: deque = deque(maxlen=300)
-        self._wait_ms: deque = deque(maxlen=300)  # image arrival -> taken by the worker
+        self._wait_ms: deque = deque(maxlen=300)  # image arrival -> taken by the worker / engine process
+        self._pose_ages: deque = deque(maxlen=300)  # at each image arrival: now - arrival of the newest published pose
+        self._last_pub_arrival: Optional[float] = None
         self._frame_index = 0
+        # ---- engine process (parameter engine_process)
+        self._process_mode = bool(s.engine_process)
+        self._client: Optional[EngineClient] = None
+        self._out_lock = threading.RLock()  # per-frame outputs vs. reset / map load / map publishing
+        self._epoch = 0  # bumped when the outputs restart (reset, map load, engine restart)
+        self._engine_ready = False  # the engine process has built its engine (processed a frame)
+        self._extrinsic_ready = False
+        self._sent_config: Optional[SlamConfig] = None
+        self._engine_restarts = 0
+        self._restart_at: Optional[float] = None
+        self._restart_streak = 0
+        self._engine_down = ""  # why the engine process is not running
+        self._engine_info: dict = {}
+        self._engine_stale = 0
+        self._dropped_engine_down = 0
+        self._last_submit = 0.0
+        self._last_result = 0.0
+        self._seq = 0
+        #: engine process: decode (in the engine process), result -> node, node -> published (ms)
+        self._stage_ms: dict[str, deque] = {k: deque(maxlen=300) for k in ("decode", "to_node", "publish")}
+        self._held: Optional[_Input] = None  # a set waiting for its camera_info (engine process only)
         self._tf_buffer = TfBuffer()
         self._stop = threading.Event()
         self._map_request: dict[str, float] = {}
+        self._map_cost: dict[str, float] = {}  # last build time (s) of each map output
+        self._map_last: dict[str, float] = {}  # when it was last built
+        self._map_throttled: dict[str, int] = {}  # due but skipped to stay within MAP_OUTPUT_CPU_SHARE
         self._map_cv = threading.Condition()
         self._cloud_cache: Optional[MapCloudCache] = None  # replaced (not mutated) on reset / load
 
@@ -178,14 +229,20 @@ class SlamNode(Node):
             s.diagnostics_period, self._publish_diagnostics, callback_group=self._cb_timers, clock=self._steady
         )
 
-        self._worker = threading.Thread(target=self._work_loop, name="recon_slam_engine", daemon=True)
+        self._worker: Optional[threading.Thread] = None
+        if self._process_mode:
+            if self._config is not None:
+                self._start_engine_process()
+        else:
+            self._worker = threading.Thread(target=self._work_loop, name="recon_slam_engine", daemon=True)
+            self._worker.start()
         self._map_thread = threading.Thread(target=self._map_loop, name="recon_slam_map", daemon=True)
-        self._worker.start()
         self._map_thread.start()
         self.get_logger().info(
             f"recon_slam node up: mode {self._mode}, inputs {', '.join(self._topics.values())}; "
             f"outputs ~/odometry ~/pose ~/path ~/map_cloud ~/keyframes /diagnostics"
             + (" /tf" if self._tf_pub is not None else "")
+            + f"; engine in {'its own process' if self._process_mode else 'a worker thread'}"
         )
 
     # ------------------------------------------------------------------ logging helpers
@@ -260,10 +317,13 @@ class SlamNode(Node):
             had_error = bool(self._config_error)
             self._config_error = ""
             if engine_changed:
-                if self._engine is None or had_error:
-                    self._config = config
-                else:
-                    self._config = config
+                self._config = config
+                if self._process_mode:
+                    if not self._engine_ready:
+                        self._push_config()  # no engine built yet: the next frame uses it
+                    else:
+                        self.get_logger().info("engine parameters changed: they take effect at the next ~/reset")
+                elif self._engine is not None and not had_error:
                     self.get_logger().info("engine parameters changed: they take effect at the next ~/reset")
             if had_error:
                 self._forget_once("config")
@@ -379,16 +439,22 @@ class SlamNode(Node):
     def _on_camera_info(self, msg: Any) -> None:
         self._counters.received["camera_info"] += 1
         self._info = msg
+        if self._held is not None:
+            self._submit_held()
 
     def _on_right_camera_info(self, msg: Any) -> None:
         self._counters.received["right_camera_info"] += 1
         self._right_info = msg
+        if self._held is not None:
+            self._submit_held()
 
     def _on_image(self, kind: str, msg: Any) -> None:
         now = time.monotonic()
         c = self._counters
         c.received[kind] += 1
         c.last_arrival[kind] = now
+        if kind == "image" and self._last_pub_arrival is not None:
+            self._pose_ages.append(now - self._last_pub_arrival)
         try:
             stamp = stamp_to_sec(msg.header.stamp)
         except Exception:  # noqa: BLE001 - malformed header
@@ -410,18 +476,21 @@ class SlamNode(Node):
             c.matched += 1
             parts = dict(zip(self._sync.names, m.items))
             image, arrival = parts["image"]
-            self._slot.put(
-                _Input(
-                    image=image,
-                    depth=parts["depth"][0] if "depth" in parts else None,
-                    right=parts["right"][0] if "right" in parts else None,
-                    arrival=arrival,
-                    stamp=m.stamp,
-                )
+            item = _Input(
+                image=image,
+                depth=parts["depth"][0] if "depth" in parts else None,
+                right=parts["right"][0] if "right" in parts else None,
+                arrival=arrival,
+                stamp=m.stamp,
             )
+            if self._process_mode:
+                self._submit(item)
+            else:
+                self._slot.put(item)
 
     # ------------------------------------------------------------------ engine worker
     def _work_loop(self) -> None:
+        warm_up_torch()
         while not self._stop.is_set():
             item = self._slot.take(timeout=0.1)
             if item is None:
@@ -440,14 +509,22 @@ class SlamNode(Node):
 
     def _handle_worker_error(self, exc: Exception) -> None:
         """Record why a frame was not processed; log it once per cause."""
-        if isinstance(exc, ReconSlamError):
-            self._input_problem = str(exc)
-            self._set_status("waiting_for_data" if self._counters.processed == 0 else "not_tracking", str(exc))
-            self._log_once(f"input:{type(exc).__name__}:{str(exc)[:80]}", "error", f"not tracking: {exc}")
+        self._report_frame_error(isinstance(exc, ReconSlamError), type(exc).__name__, str(exc),
+                                 traceback.format_exc())
+
+    def _report_frame_error(self, is_input: bool, type_name: str, text: str, tb: str = "") -> None:
+        """A frame was not processed: input/configuration problem (``is_input``) or a bug in the engine.
+
+        Both go to ``/diagnostics`` (state and reason) and to the log, once per cause.
+        """
+        if is_input:
+            self._input_problem = text
+            self._set_status("waiting_for_data" if self._counters.processed == 0 else "not_tracking", text)
+            self._log_once(f"input:{type_name}:{text[:80]}", "error", f"not tracking: {text}")
         else:  # a bug: keep the node alive, say why
-            self._set_status("error", f"internal error: {exc}")
-            self._log_once(f"bug:{type(exc).__name__}", "error",
-                           f"engine failed on a frame ({exc}); the node keeps running:\n{traceback.format_exc()}")
+            self._set_status("error", f"internal error: {text}")
+            self._log_once(f"bug:{type_name}", "error",
+                           f"engine failed on a frame ({type_name}: {text}); the node keeps running:\n{tb}")
 
     def _set_status(self, state: str, reason: str) -> None:
         self._status.state = state
@@ -478,6 +555,17 @@ class SlamNode(Node):
             return s.extrinsic, "parameter"
         return _default_T(), "default (camera is base_link)"
 
+    def _apply_extrinsic(self, T: np.ndarray, source: str, camera_frame: str, stamp: float) -> None:
+        """Use (4, 4) ``T_base_cam`` from ``source`` for the outputs; publish it on /tf_static unless it came from TF."""
+        self._outputs.set_extrinsic(T)
+        self._outputs.frames.camera = camera_frame
+        self._extrinsic_source = source
+        self.get_logger().info(f"camera {camera_frame} in {self._settings.frames.base}: extrinsic from {source}")
+        if source != "tf" and self._tf_static_pub is not None:
+            statics = self._outputs.static_transforms(stamp, camera_frame)
+            if statics:
+                self._tf_static_pub.publish(self._outputs.tf_message(statics))
+
     def _ensure_engine(self, frame: Any) -> Any:
         if self._engine is not None:
             return self._engine
@@ -491,14 +579,7 @@ class SlamNode(Node):
             return None
         from recon_slam.system import SlamSystem
 
-        self._outputs.set_extrinsic(T)
-        self._outputs.frames.camera = camera_frame
-        self._extrinsic_source = source
-        self.get_logger().info(f"camera {camera_frame} in {self._settings.frames.base}: extrinsic from {source}")
-        if source != "tf" and self._tf_static_pub is not None:
-            statics = self._outputs.static_transforms(frame.stamp, camera_frame)
-            if statics:
-                self._tf_static_pub.publish(self._outputs.tf_message(statics))
+        self._apply_extrinsic(T, source, camera_frame, frame.stamp)
         self._engine = SlamSystem(self._config, frame.camera)
         self._new_cloud_cache()
         if self._pending_map is not None or self._settings.load_map_at_start:
@@ -531,50 +612,298 @@ class SlamNode(Node):
                 return
             self._frame_index += 1
             result = engine.process(frame)
-            T_odom_ext = None
-            if not s.publish_odom_tf and TFMessage is not None:
-                try:
-                    T_odom_ext = self._tf_buffer.lookup(s.frames.odom, s.frames.base, frame.stamp)
-                except TfLookupError as exc:
-                    self._log_once(
-                        "tf:odom", "warning",
-                        f"TF lookup {s.frames.odom} -> {s.frames.base} at the image stamp failed ({exc}): map -> "
-                        f"{s.frames.odom} cannot be computed; publish the robot's odometry on /tf, or set "
-                        "publish_odom_tf:=true when this robot has no other odometry",
-                    )
-            outs = self._outputs.frame_outputs(frame.stamp, result.T_world_cam, result.state, T_odom_ext)
-            if outs.odometry is not None:
-                self._odom_pub.publish(outs.odometry)
-            if outs.pose is not None:
-                self._pose_pub.publish(outs.pose)
-            if outs.transforms and self._tf_pub is not None:
-                self._tf_pub.publish(self._outputs.tf_message(outs.transforms))
-            done = time.monotonic()
+            done = self._publish_frame_outputs(frame.stamp, result.T_world_cam, result.state)
             n_kf = engine.num_keyframes
             due = {name: frame.stamp for name in ("path", "markers", "cloud")
                    if self._outputs.due(name, frame.stamp, n_kf)}
         # bookkeeping outside the lock
-        latency = done - item.arrival
+        self._after_frame(item.arrival, done, float(result.time_ms), result.state, result.reason, n_kf, due)
+
+    def _publish_frame_outputs(self, stamp: float, T_world_cam: np.ndarray, state: str) -> float:
+        """Odometry, pose and ``/tf`` of one processed frame ((4, 4) engine pose ``T_world_cam`` at
+        image ``stamp``); returns the time.monotonic() of publication."""
+        s = self._settings
+        T_odom_ext = None
+        if not s.publish_odom_tf and TFMessage is not None:
+            try:
+                T_odom_ext = self._tf_buffer.lookup(s.frames.odom, s.frames.base, stamp)
+            except TfLookupError as exc:
+                self._log_once(
+                    "tf:odom", "warning",
+                    f"TF lookup {s.frames.odom} -> {s.frames.base} at the image stamp failed ({exc}): map -> "
+                    f"{s.frames.odom} cannot be computed; publish the robot's odometry on /tf, or set "
+                    "publish_odom_tf:=true when this robot has no other odometry",
+                )
+        outs = self._outputs.frame_outputs(stamp, T_world_cam, state, T_odom_ext)
+        if outs.odometry is not None:
+            self._odom_pub.publish(outs.odometry)
+        if outs.pose is not None:
+            self._pose_pub.publish(outs.pose)
+        if outs.transforms and self._tf_pub is not None:
+            self._tf_pub.publish(self._outputs.tf_message(outs.transforms))
+        return time.monotonic()
+
+    def _after_frame(self, arrival: float, done: float, engine_ms: float, state: str, reason: str, n_kf: int,
+                     due: dict[str, float]) -> None:
+        """Counters, latency (image arrival -> odometry published), state log and map output requests."""
+        latency = done - arrival
         self._latencies.append(latency)
-        self._engine_ms.append(float(result.time_ms))
+        self._engine_ms.append(engine_ms)
         self._proc_times.append(done)
+        self._last_pub_arrival = arrival
         c = self._counters
         c.processed += 1
         self._input_problem = ""
         self._forget_once("input:")
         st = self._status
-        st.state = result.state
-        st.reason = result.reason if result.state == "lost" else ""
+        st.state = state
+        st.reason = reason if state == "lost" else ""
         st.latency_ms = latency * 1e3
         st.n_keyframes = n_kf
-        if result.state != self._last_state:
-            msg = f"state: {result.state}" + (f" ({result.reason})" if result.reason else "")
-            self._log("warning" if result.state == "lost" else "info", msg)
-            self._last_state = result.state
+        if state != self._last_state:
+            msg = f"state: {state}" + (f" ({reason})" if reason else "")
+            self._log("warning" if state == "lost" else "info", msg)
+            self._last_state = state
         if due:
             with self._map_cv:
                 self._map_request.update(due)
                 self._map_cv.notify()
+
+    # ------------------------------------------------------------------ engine process (engine_process: true)
+    def _start_engine_process(self) -> None:
+        """Spawn the engine process with the current configuration (returns at once)."""
+        assert self._config is not None
+        client = EngineClient(self._config, self._mode, self._on_engine_message, self._on_engine_exit,
+                              cpu_threads=self._config.cpu_threads)
+        try:
+            client.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. no /dev/shm, process limits: say so, retry later
+            self._engine_down = f"the engine process could not be started ({type(exc).__name__}: {exc})"
+            self._restart_at = time.monotonic() + 30.0
+            self._set_status("error", self._engine_down + "; retrying in 30 s (engine_process:=false runs the "
+                                                          "engine in a thread of the node instead)")
+            self._log_once(f"engine:start:{type(exc).__name__}", "error", self._status.reason)
+            return
+        self._client = client
+        self._sent_config = self._config
+        self._engine_ready = False
+        self._engine_down = ""
+        self._last_result = time.monotonic()
+
+    def _push_config(self) -> None:
+        """Give the engine process the current configuration (its engine is rebuilt at the next frame)."""
+        client = self._client
+        if client is None or not client.alive() or self._config is None or self._config is self._sent_config:
+            return
+        self._sent_config = self._config
+        self._engine_ready = False
+        client.command_async("reset", {"config": self._config})
+
+    def _engine_settings(self) -> dict:
+        s = self._settings
+        return {"camera_frame": s.camera_frame, "baseline_m": s.stereo_baseline or None, "topics": self._topics,
+                "max_frame_age": s.max_frame_age, "load_map_at_start": s.load_map_at_start, "map_path": s.map_path}
+
+    def _submit(self, item: _Input) -> None:
+        """Executor thread: hand a synchronised set to the engine process (newest-frame slot)."""
+        if self._reset_requested:
+            self._reset_requested = False
+            self._reset_process(wait=False, reset_sync=False)
+        if self._config_error:
+            self._set_status("error", self._config_error)
+            return
+        client = self._client
+        if client is None and self._config is not None and self._restart_at is None:
+            self._start_engine_process()  # the configuration became valid
+            client = self._client
+        if client is None or not client.alive():
+            self._dropped_engine_down += 1
+            return
+        if self._calibration_missing() and self._held is None:
+            # camera_info usually arrives with the images, its callback may just run after theirs: keep this set
+            # until it comes (or the next set arrives: then send it anyway and the engine says what is missing)
+            self._held = item
+            return
+        self._held = None
+        if self._info is None:
+            self._counters.no_camera_info += 1
+        if not self._extrinsic_ready:
+            if self._first_frame_time is None:
+                self._first_frame_time = time.monotonic()
+            frame_id = str(item.image.header.frame_id).lstrip("/") or "camera_optical_frame"
+            camera_frame = self._settings.camera_frame or frame_id
+            T, source = self._resolve_extrinsic(camera_frame)
+            if T is None:
+                return  # waiting for /tf_static (status says so)
+            with self._out_lock:
+                self._apply_extrinsic(T, source, camera_frame, item.stamp)
+            self._extrinsic_ready = True
+        self._seq += 1
+        try:
+            meta, parts = pack_frame(item.image, self._info, depth=item.depth, right=item.right,
+                                     right_info=self._right_info, seq=self._seq, arrival=item.arrival,
+                                     settings=self._engine_settings())
+            client.submit(meta, parts)
+            self._last_submit = time.monotonic()
+        except EngineUnavailable:
+            self._dropped_engine_down += 1
+
+    def _calibration_missing(self) -> bool:
+        return self._info is None or (self._mode == "stereo" and self._right_info is None
+                                      and not self._settings.stereo_baseline)
+
+    def _submit_held(self) -> None:
+        """Executor thread: a camera_info arrived; send the set that waited for it."""
+        if self._held is not None and not self._calibration_missing():
+            item, self._held = self._held, None
+            self._submit(item)
+
+    def _on_engine_message(self, msg: tuple) -> None:
+        """Result reader thread: one message of the engine process (see :mod:`recon_slam.ros.engine_process`)."""
+        if self._stop.is_set():
+            return
+        kind = msg[0]
+        if kind == "result":
+            self._handle_result(msg[1])
+        elif kind == "error":
+            d = msg[1]
+            self._last_result = time.monotonic()
+            self._handle_events(d.get("events") or [])
+            self._report_frame_error(bool(d.get("input")), d.get("type", "Error"), d.get("message", ""),
+                                     d.get("traceback", ""))
+        elif kind == "stale":
+            self._engine_stale = int(msg[1].get("count", 0))
+        elif kind == "log":
+            self._log(msg[1], msg[2])
+        elif kind == "ready":
+            self._engine_info = dict(msg[1])
+            client = self._client
+            took = time.monotonic() - client.started_at if client is not None else float("nan")
+            self.get_logger().info(f"engine process up: pid {msg[1].get('pid')}, torch threads "
+                                   f"{msg[1].get('torch_threads')}, started in {took:.1f} s")
+
+    def _handle_events(self, events: list) -> None:
+        for kind, payload in events:
+            if kind == "map_loaded":
+                self._apply_map_loaded(payload)
+            elif kind == "map_error":
+                self._log_once("map:start", "error", payload)
+
+    def _handle_result(self, d: dict) -> None:
+        """Result reader thread: publish odometry / pose / TF of a processed frame at once."""
+        received = time.monotonic()
+        r = d["result"]
+        stamp = float(d["stamp"])
+        self._last_result = received
+        with self._out_lock:
+            self._handle_events(d.get("events") or [])
+            done = self._publish_frame_outputs(stamp, r.T_world_cam, r.state)
+            n_kf = int(d["n_keyframes"])
+            due = {name: stamp for name in ("path", "markers", "cloud") if self._outputs.due(name, stamp, n_kf)}
+        self._engine_ready = True
+        self._restart_streak = 0
+        self._wait_ms.append((float(d["taken"]) - float(d["arrival"])) * 1e3)
+        st = self._stage_ms
+        st["decode"].append((float(d.get("decoded", d["taken"])) - float(d["taken"])) * 1e3)
+        st["to_node"].append((received - float(d["done"])) * 1e3)
+        st["publish"].append((done - received) * 1e3)
+        self._after_frame(float(d["arrival"]), done, float(r.time_ms), r.state, r.reason, n_kf, due)
+
+    def _apply_map_loaded(self, d: dict) -> None:
+        """The engine restored a saved map: restart the outputs in the map's frame (``T_map_world`` (4, 4))."""
+        with self._out_lock:
+            self._epoch += 1
+            self._outputs.reset()
+            self._outputs.set_map_origin(np.asarray(d["T_map_world"], dtype=np.float64))
+            self._last_state = ""
+        if d.get("warning"):
+            self.get_logger().warning(d["warning"])
+        stamp = self._last_ref_stamp or 0.0
+        with self._map_cv:
+            self._map_request.update({"markers": stamp, "cloud": stamp, "path": stamp})
+            self._map_last.clear()  # the new map is shown at once, whatever the budget says
+            self._map_cv.notify()
+
+    def _on_engine_exit(self, description: str) -> None:
+        """Result reader thread: the engine process ended without being asked to."""
+        if self._stop.is_set():
+            return
+        client = self._client
+        lived = time.monotonic() - client.started_at if client is not None else 0.0
+        self._restart_streak = self._restart_streak + 1 if lived < 30.0 else 1
+        backoff = min(30.0, 2.0 ** (self._restart_streak - 1))
+        self._engine_ready = False
+        self._engine_down = description
+        self._restart_at = time.monotonic() + backoff
+        text = (f"{description}: no poses until it is restarted (in {backoff:.0f} s); the map is lost "
+                "(see the lines above for its last words)")
+        self._set_status("error", text)
+        self.get_logger().error(text)
+
+    def _restart_engine(self) -> None:
+        """Watchdog: start a new engine process after a crash; the outputs start over."""
+        self._restart_at = None
+        old, self._client = self._client, None
+        if old is not None:
+            old.stop(timeout=2.0)
+        if self._config is None:
+            return
+        with self._out_lock:
+            self._epoch += 1
+            self._outputs.reset()
+            self._outputs.set_extrinsic(self._outputs.T_base_cam)  # the map origin of a loaded map is gone too
+            self._last_state = ""
+        self._engine_restarts += 1
+        why = self._engine_down or "a crash"
+        self._start_engine_process()
+        if self._client is None:
+            return  # could not start it (reported); retried later
+        self._set_status("initialising", f"engine process restarted after: {why}")
+        self.get_logger().warning(f"engine process restarted (restart {self._engine_restarts}); mapping starts over")
+
+    def _publish_empty_map(self) -> None:
+        stamp = self._last_ref_stamp or 0.0
+        self._path_pub.publish(self._outputs.path_msg(stamp, [], np.zeros((0, 4, 4))))
+        self._markers_pub.publish(self._types.new("visualization_msgs/msg/MarkerArray", markers=[
+            self._types.new("visualization_msgs/msg/Marker", header=make_header(self._types, stamp, self._settings.frames.map),
+                            action=3)]))
+        self._cloud_pub.publish(self._outputs.cloud_msg(stamp, np.zeros((0, 3)), np.zeros((0, 3), np.uint8)))
+
+    def _apply_reset(self, _reply: Optional[dict] = None) -> None:
+        """Outputs start over (runs in the result reader when the engine confirms its reset, so results
+        before and after the reset are told apart by their order on the pipe)."""
+        with self._out_lock:
+            self._epoch += 1
+            self._outputs.reset()
+            self._last_state = ""
+            self._publish_empty_map()
+
+    def _reset_process(self, wait: bool, reset_sync: bool = True) -> None:
+        """Reset the engine process's map and the outputs (with the new configuration, if it changed).
+
+        Raises:
+            EngineUnavailable: ``wait`` and the engine did not confirm in time / is not running.
+        """
+        if reset_sync:
+            with self._sync_lock:
+                self._sync.reset()
+        client = self._client
+        if client is None or not client.alive():
+            self._apply_reset()
+            if wait and self._config is not None and self._restart_at is not None:
+                raise EngineUnavailable(f"the engine process is not running ({self._engine_down}); it is restarted "
+                                        "automatically")
+            return
+        client.clear_frames()
+        config = self._config if self._config is not None and self._config is not self._sent_config else None
+        fut = client.command_async("reset", {"config": config}, on_reply=self._apply_reset)
+        if config is not None:
+            self._sent_config = config
+            self._engine_ready = False
+        if wait:
+            reply = fut.wait(self._settings.engine_command_timeout)
+            if not reply.get("ok"):
+                raise EngineUnavailable(reply.get("message", "reset failed"))
 
     # ------------------------------------------------------------------ map publisher thread
     def _map_loop(self) -> None:
@@ -582,11 +911,16 @@ class SlamNode(Node):
             with self._map_cv:
                 self._map_cv.wait_for(lambda: bool(self._map_request) or self._stop.is_set(), timeout=0.5)
                 request, self._map_request = self._map_request, {}
-            engine = self._engine
-            if not request or engine is None:
+            request = self._within_budget(request)
+            if not request:
                 continue
             try:
-                self._publish_map_outputs(engine, request)
+                if self._process_mode:
+                    self._publish_map_outputs_remote(request)
+                else:
+                    engine = self._engine
+                    if engine is not None:
+                        self._publish_map_outputs(engine, request)
             except Exception as exc:  # noqa: BLE001 - e.g. a reset raced with us; try again next time
                 if not self.context.ok() or self._stop.is_set():
                     break
@@ -600,21 +934,89 @@ class SlamNode(Node):
             o.cloud_stride if o is not None else 1,
         )
 
+    def _within_budget(self, request: dict[str, float]) -> dict[str, float]:
+        """Drop due map outputs whose last build cost more than :data:`MAP_OUTPUT_CPU_SHARE` of the time since.
+
+        The path grows with every frame (a PoseStamped each), the cloud with the map: without this
+        bound a long run would spend a whole core rebuilding them, next to the engine.
+        """
+        now = time.monotonic()
+        keep = {}
+        for name, stamp in request.items():
+            last = self._map_last.get(name)
+            if last is not None and now - last < self._map_cost.get(name, 0.0) / MAP_OUTPUT_CPU_SHARE:
+                self._map_throttled[name] = self._map_throttled.get(name, 0) + 1
+            else:
+                keep[name] = stamp
+        return keep
+
+    def _account(self, name: str, seconds: float) -> None:
+        self._map_cost[name] = seconds
+        self._map_last[name] = time.monotonic()
+
+    def _publish_map_outputs_remote(self, request: dict[str, float]) -> None:
+        """Map publisher thread: path / keyframe markers / cloud from a snapshot of the engine process.
+
+        ``request`` maps each due output to its header stamp. The messages are built here, off the
+        per-frame path, and published only if no reset or map load happened meanwhile.
+        """
+        client = self._client
+        if client is None or not client.alive() or not self._engine_ready:
+            return
+        epoch = self._epoch
+        o = self._config.output if self._config is not None else None
+        params = (self._settings.policy.cloud_voxel_m, o.cloud_min_confidence if o is not None else 0.5,
+                  o.cloud_stride if o is not None else 1)
+        data = client.map_data({"path": "path" in request, "markers": "markers" in request,
+                                "cloud": "cloud" in request, "cloud_params": params},
+                               timeout=self._settings.engine_command_timeout)
+        if "error" in data:
+            raise RuntimeError(data["error"])
+        out = self._outputs
+        cost = dict(data.get("cost") or {})  # seconds the engine process spent on each item
+        msgs = []
+        for name, pub in (("path", self._path_pub), ("markers", self._markers_pub), ("cloud", self._cloud_pub)):
+            if name not in data:
+                continue
+            t0 = time.perf_counter()
+            if name == "path":
+                stamps, T = data["path"]
+                msg = out.path_msg(request["path"], stamps, T)
+            elif name == "markers":
+                ids, T_kf, camera, edges = data["markers"]
+                msg = out.markers_msg(request["markers"], T_kf, camera, ids=ids, edges=edges)
+            else:
+                xyz, rgb = data["cloud"]
+                msg = out.cloud_msg(request["cloud"], xyz, rgb)
+            msgs.append((pub, msg))
+            self._account(name, cost.get(name, 0.0) + time.perf_counter() - t0)
+        with self._out_lock:
+            if epoch != self._epoch:
+                return  # a reset / map load happened meanwhile: this snapshot is outdated
+            for pub, msg in msgs:
+                pub.publish(msg)
+
     def _publish_map_outputs(self, engine: Any, request: dict[str, float]) -> None:
         out = self._outputs
         if "path" in request:
+            t0 = time.perf_counter()
             stamps, T = engine.trajectory()
             self._path_pub.publish(out.path_msg(request["path"], stamps, T))
+            self._account("path", time.perf_counter() - t0)
         if "markers" in request:
+            t0 = time.perf_counter()
             ids, _, T_kf = engine.keyframes()
             if len(ids):
                 camera = engine.keyframe_map.get(ids[0]).camera
                 edges = graph_edges(engine, ids)
                 self._markers_pub.publish(out.markers_msg(request["markers"], T_kf, camera, ids=ids, edges=edges))
+            self._account("markers", time.perf_counter() - t0)
         cache = self._cloud_cache
         if "cloud" in request and cache is not None:
+            t0 = time.perf_counter()
             xyz, rgb = cache.cloud(engine)
             self._cloud_pub.publish(out.cloud_msg(request["cloud"], xyz, rgb))
+            self._account("cloud", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ services
     def _reset_locked(self) -> None:
@@ -635,6 +1037,19 @@ class SlamNode(Node):
         self._cloud_pub.publish(self._outputs.cloud_msg(stamp, np.zeros((0, 3)), np.zeros((0, 3), np.uint8)))
 
     def _srv_reset(self, request: Any, response: Any) -> Any:
+        if self._process_mode:
+            try:
+                self._reset_process(wait=True)
+            except EngineUnavailable as exc:
+                response.success = False
+                response.message = f"reset failed: {exc}"
+                self.get_logger().error(response.message)
+                return response
+            self._set_status("initialising", "reset: waiting for the next frame")
+            response.success = True
+            response.message = "reset: map and trajectory cleared"
+            self.get_logger().info(response.message)
+            return response
         with self._engine_lock:
             if self._config is not None and self._engine is not None and self._engine.config is not self._config:
                 self._engine.close()
@@ -653,6 +1068,19 @@ class SlamNode(Node):
         from recon_slam.maps import MapError, save_system_map
 
         path = self._map_path()
+        if self._process_mode:
+            try:
+                if self._client is None:
+                    raise EngineUnavailable(self._config_error or "the engine process is not running")
+                reply = self._client.command("save_map", {"path": path, "T_map_world": self._outputs.T_map_world},
+                                             timeout=self._settings.engine_command_timeout)
+                response.success = bool(reply.get("ok"))
+                response.message = str(reply.get("message", ""))
+            except EngineUnavailable as exc:
+                response.success = False
+                response.message = f"save_map failed: {exc}"
+            self._log("info" if response.success else "error", response.message)
+            return response
         with self._engine_lock:
             engine = self._engine
             if engine is None or engine.num_keyframes == 0:
@@ -684,6 +1112,7 @@ class SlamNode(Node):
         stamp = self._last_ref_stamp or 0.0
         with self._map_cv:
             self._map_request.update({"markers": stamp, "cloud": stamp, "path": stamp})
+            self._map_last.clear()  # the new map is shown at once, whatever the budget says
             self._map_cv.notify()
         return n
 
@@ -691,6 +1120,25 @@ class SlamNode(Node):
         from recon_slam.maps import MapError, load_map
 
         path = self._map_path()
+        if self._process_mode:
+            def on_reply(reply: dict) -> None:  # in step with the results: outputs switch to the map here
+                if reply.get("ok") and not reply.get("pending"):
+                    self._apply_map_loaded(reply)
+
+            try:
+                if self._client is None:
+                    raise EngineUnavailable(self._config_error or "the engine process is not running")
+                reply = self._client.command("load_map", {"path": path}, timeout=self._settings.engine_command_timeout,
+                                             on_reply=on_reply)
+                response.success = bool(reply.get("ok"))
+                response.message = str(reply.get("message", ""))
+            except EngineUnavailable as exc:
+                response.success = False
+                response.message = f"load_map failed: {exc}"
+            self._log("info" if response.success else "error", response.message)
+            if response.success:
+                self._set_status("initialising", "map loaded: relocalising")
+            return response
         with self._engine_lock:
             try:
                 data = load_map(path)
@@ -716,6 +1164,8 @@ class SlamNode(Node):
     def _watchdog(self) -> None:
         s = self._settings
         now = time.monotonic()
+        if self._process_mode:
+            self._watch_engine_process(now)
         if now - self._start < s.no_data_timeout or self._config_error:
             return
         c = self._counters
@@ -761,7 +1211,7 @@ class SlamNode(Node):
             self._log_once("sync", "warning", text)
         self._unmatched_at_check = unmatched
         self._matched_at_check = c.matched
-        if problems and (self._engine is None or now - (self._proc_times[-1] if self._proc_times else 0) > 2.0):
+        if problems and (not self._has_engine() or now - (self._proc_times[-1] if self._proc_times else 0) > 2.0):
             self._set_status("waiting_for_data" if c.processed == 0 else "not_tracking", "; ".join(problems))
         elif self._input_problem and (not self._proc_times or now - self._proc_times[-1] > 2.0):
             self._set_status(self._status.state, self._input_problem)
@@ -769,13 +1219,36 @@ class SlamNode(Node):
     _unmatched_at_check = 0
     _matched_at_check = 0
 
+    def _has_engine(self) -> bool:
+        return self._engine_ready if self._process_mode else self._engine is not None
+
+    def _watch_engine_process(self, now: float) -> None:
+        """Restart a crashed engine process when its back-off ran out; report one that stopped answering."""
+        if self._restart_at is not None:
+            if now >= self._restart_at and not self._stop.is_set():
+                self._restart_engine()
+            return
+        client = self._client
+        if client is None or not client.alive():
+            return
+        since = now - max(self._last_result, client.started_at)
+        waiting = client.channel is not None and len(client.channel) > 0  # a frame waits, the engine does not take it
+        if waiting and since > max(10.0, 2 * self._settings.no_data_timeout):
+            text = (f"the engine process (pid {client.pid}) has not returned a frame for {since:.0f} s although "
+                    f"frames arrive (last sent: {self._seq}): busy (relocalising in a large map?) or stuck")
+            self._set_status("error", text)
+            self._log_once(f"engine:silent:{int(self._last_result)}", "warning", text)
+
     def status(self) -> NodeStatus:
         """Current :class:`NodeStatus` (counters refreshed)."""
         st = self._status
         c = self._counters
         st.frames_received = c.received["image"]
         st.frames_processed = c.processed
-        st.frames_dropped = self._slot.dropped + c.stale
+        channel = self._client.channel if self._client is not None else None
+        skipped = (channel.skipped if channel is not None else 0) if self._process_mode else self._slot.dropped
+        stale = self._engine_stale if self._process_mode else c.stale
+        st.frames_dropped = skipped + stale + self._dropped_engine_down
         times = list(self._proc_times)
         st.fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
         if times and time.monotonic() - times[-1] > 3.0:
@@ -783,16 +1256,36 @@ class SlamNode(Node):
         lat = np.array(self._latencies) * 1e3 if self._latencies else np.zeros(0)
         with self._sync_lock:
             sync_drops = dict(self._sync.drops)
+        ages = np.array(self._pose_ages) * 1e3 if self._pose_ages else np.zeros(0)
+        if self._process_mode:
+            client = self._client
+            if client is not None and client.alive():
+                engine = f"process (pid {client.pid})"
+            else:
+                engine = f"process, not running: {self._engine_down or self._config_error or 'not started'}"
+        else:
+            engine = "thread"
         st.extra = {
             "mode": self._mode,
+            "engine": engine,
+            "engine_pid": str(self._client.pid if self._client is not None and self._client.alive() else ""),
+            "engine_restarts": str(self._engine_restarts),
             "latency_p50_ms": f"{np.percentile(lat, 50):.1f}" if len(lat) else "nan",
+            "latency_p90_ms": f"{np.percentile(lat, 90):.1f}" if len(lat) else "nan",
             "latency_max_ms": f"{lat.max():.1f}" if len(lat) else "nan",
+            "pose_age_ms_p50": f"{np.percentile(ages, 50):.1f}" if len(ages) else "nan",
+            "pose_age_ms_p90": f"{np.percentile(ages, 90):.1f}" if len(ages) else "nan",
+            "pose_age_ms_max": f"{ages.max():.1f}" if len(ages) else "nan",
             "engine_ms_p50": f"{np.percentile(list(self._engine_ms), 50):.1f}" if self._engine_ms else "nan",
             "engine_ms_max": f"{max(self._engine_ms):.1f}" if self._engine_ms else "nan",
             "queue_wait_ms_p50": f"{np.percentile(list(self._wait_ms), 50):.1f}" if self._wait_ms else "nan",
             "queue_wait_ms_max": f"{max(self._wait_ms):.1f}" if self._wait_ms else "nan",
-            "dropped_by_policy": str(self._slot.dropped),
-            "dropped_stale": str(c.stale),
+            **({f"{k}_ms_p50": f"{np.percentile(list(v), 50):.1f}" for k, v in self._stage_ms.items() if v}
+               if self._process_mode else {}),
+            "map_outputs_throttled": ", ".join(f"{k}={v}" for k, v in sorted(self._map_throttled.items())) or "none",
+            "dropped_by_policy": str(skipped),
+            "dropped_stale": str(stale),
+            "dropped_engine_down": str(self._dropped_engine_down),
             "sync_drops": ", ".join(f"{k}={v}" for k, v in sorted(sync_drops.items())) or "none",
             "camera_info": "received" if self._info is not None else "missing",
             "extrinsic": self._extrinsic_source or "not decided yet",
@@ -807,12 +1300,15 @@ class SlamNode(Node):
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
-        """Stop the worker threads and the engine (idempotent)."""
+        """Stop the worker threads and the engine (process) (idempotent)."""
         self._stop.set()
         with self._map_cv:
             self._map_cv.notify_all()
+        client, self._client = self._client, None
+        if client is not None:
+            client.stop(timeout=10.0)
         for t in (self._worker, self._map_thread):
-            if t.is_alive() and t is not threading.current_thread():
+            if t is not None and t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=10.0)
         with self._engine_lock:
             if self._engine is not None:
@@ -835,8 +1331,8 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``ros2 run recon_slam slam_node``.
 
     One executor thread serves every callback: they are short (the engine runs in its own
-    thread), and on a small CPU a multi-threaded executor's extra Python threads compete
-    with the engine for the interpreter lock (measured: the engine ran 1.5-2x slower).
+    process, or thread with ``engine_process:=false``), and on a small CPU a multi-threaded
+    executor's extra Python threads compete for the interpreter lock.
     """
     rclpy.init(args=args)
     node = SlamNode()

@@ -1,0 +1,1 @@
+"""Neural network models of recon_slam (sub-packages per model family)."""
