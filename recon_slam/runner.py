@@ -94,12 +94,10 @@ def run_slam(
     system = SlamSystem(config, source.camera, predictor=predictor)
     metric = bool(getattr(system.predictor, "metric", True))
     if localize_map is not None:
-        from recon_slam.maps import load_map, load_relocaliser, restore_into_system
+        from recon_slam.maps import load_map, restore_into_system
 
         mdata = load_map(localize_map) if not hasattr(localize_map, "keyframes") else localize_map
-        restore_into_system(system, mdata)
-        if mdata.relocaliser is not None and config.reloc.use_when_lost:
-            system.attach_relocaliser(load_relocaliser(mdata, system.device))
+        restore_into_system(system, mdata)  # also attaches the map's relocaliser
     n_total = len(source)
     states: dict[str, int] = {}
     t0 = time.perf_counter()

@@ -277,7 +277,7 @@ def test_frame_from_messages_rgbd():
     [
         ("no_info", CalibrationError, "no camera_info received"),
         ("encoding", EncodingError, "yuv422"),
-        ("mono", InputError, "MASt3R"),
+        ("mode", InputError, "not one of rgbd, stereo, mono"),
         ("no_depth", InputError, "needs a depth image"),
         ("size", CalibrationError, "camera_info says"),
     ],
@@ -288,7 +288,16 @@ def test_frame_from_messages_explains_problems(case, error, words):
     if case == "size":
         info = make_camera_info(TYPES, CAM.scaled(320, 240), 1.0, "cam_opt")
     with pytest.raises(error, match=words):
-        frame_from_messages(0, "mono" if case == "mono" else "rgbd", image, None if case == "no_info" else info, **kwargs)
+        frame_from_messages(0, "lidar" if case == "mode" else "rgbd", image, None if case == "no_info" else info, **kwargs)
+
+
+def test_frame_from_messages_mono_uses_camera_info_when_present():
+    image, _, info = _rgbd_msgs()
+    f = frame_from_messages(3, "mono", image, info)
+    assert f.depth is None and f.right_image is None and f.camera.fx == pytest.approx(CAM.fx)
+    g = frame_from_messages(4, "mono", image, None)  # uncalibrated: a nominal camera of the image size
+    assert g.depth is None and (g.camera.width, g.camera.height) == (f.camera.width, f.camera.height)
+    assert g.stamp == f.stamp and g.index == 4
 
 
 def test_latest_slot_keeps_only_the_newest():

@@ -27,7 +27,7 @@ from recon_slam.io.messages import (
 
 __all__ = ["MODES", "LatestSlot", "camera_from_info", "frame_from_messages", "problem_key"]
 
-#: input modes of the node ('mono' is accepted by name but not wired yet)
+#: input modes of the node (mono: image, camera_info used when present)
 MODES = ("rgbd", "stereo", "mono")
 
 
@@ -104,13 +104,18 @@ def frame_from_messages(
         EncodingError, CalibrationError, InputError: with the topic and the fix.
     """
     topics = topics or {}
-    if mode == "mono":
-        raise InputError(
-            "mode 'mono' needs the MASt3R pointmap predictor, which this release does not include yet: "
-            "use mode:=rgbd (RGB-D camera) or mode:=stereo (rectified stereo pair)"
-        )
-    if mode not in ("rgbd", "stereo"):
+    if mode not in ("rgbd", "stereo", "mono"):
         raise InputError(f"mode {mode!r} is not one of rgbd, stereo, mono")
+    if mode == "mono" and info_msg is None:
+        # uncalibrated monocular: the network needs no intrinsics; a nominal pinhole camera
+        # (60 degree horizontal field of view, centred) only names the pixel grid
+        image = _decode_colour(image_msg, topics.get("image", "image"))
+        h, w = image.shape[:2]
+        f = 0.5 * w / np.tan(np.radians(30.0))
+        camera = PinholeCamera(w, h, f, f, (w - 1) / 2.0, (h - 1) / 2.0)
+        stamp = stamp_to_sec(image_msg.header.stamp)
+        frame_id = camera_frame or str(image_msg.header.frame_id).lstrip("/") or "camera_optical_frame"
+        return Frame(index=int(index), stamp=stamp, image=image, camera=camera, frame_id=frame_id)
     if info_msg is None:
         raise CalibrationError(
             f"no camera_info received on {topics.get('camera_info', 'camera_info')}: modes rgbd and stereo need the "
@@ -136,7 +141,7 @@ def frame_from_messages(
                 f"{topics.get('image', 'image')} is {w}x{h}: use depth registered to the colour image "
                 "(e.g. RealSense aligned_depth_to_color, align_depth.enable:=true)"
             )
-    else:
+    elif mode == "stereo":
         if right_msg is None:
             raise InputError("mode stereo needs the right image: remap right/image to your driver's right topic")
         right = _decode_colour(right_msg, topics.get("right_image", "right/image"))

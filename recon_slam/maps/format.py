@@ -541,7 +541,8 @@ def map_from_system(system: Any, T_map_world: Optional[np.ndarray] = None, cloud
 def restore_into_system(system: Any, data: MapData) -> int:
     """Put the keyframes of ``data`` into a freshly reset engine; returns the keyframe count.
 
-    The engine forgets its own map and trajectory first. Its next frame is handled as after
+    The engine forgets its own map and trajectory first; the map's relocaliser, if any, is
+    attached (``reloc.use_when_lost``). Its next frame is handled as after
     a tracking loss at the last pose of the mapping session (``data.trajectory[-1]``, else
     the last keyframe): it relocalises against the loaded keyframes (the backend's
     relocaliser when there is one, else the most recent keyframes, starting from that pose)
@@ -611,6 +612,11 @@ def restore_into_system(system: Any, data: MapData) -> int:
                     T_world_last = last
     if kfs:
         system.start_lost_at(kfs[-1].id, T_world_last)
+    cfg = getattr(system, "config", None)
+    if data.relocaliser is not None and hasattr(system, "attach_relocaliser") and (
+            cfg is None or cfg.reloc.use_when_lost):
+        # the map's scene-coordinate relocaliser helps whenever tracking is lost
+        system.attach_relocaliser(load_relocaliser(data, getattr(system, "device", "cpu")))
     return len(kfs)
 
 

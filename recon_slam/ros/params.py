@@ -107,8 +107,9 @@ _POSITIVE = ("sync_queue_size", "input_qos_depth", "path_period", "markers_perio
              "cloud_max_points", "frustum_scale", "no_data_timeout", "diagnostics_period", "engine_command_timeout")
 
 MONO_MESSAGE = (
-    "mode 'mono' needs the MASt3R pointmap predictor, which this release does not include yet: use mode "
-    "'rgbd' (RGB-D camera with registered depth) or 'stereo' (rectified stereo pair)"
+    "mode 'mono' needs the MASt3R network weights: set the parameter mono.checkpoint to the released "
+    "MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric.pth (CC BY-NC-SA 4.0, non-commercial; you obtain it "
+    "yourself, nothing is downloaded), or use mode 'rgbd' (RGB-D camera) or 'stereo' (rectified stereo pair)"
 )
 
 
@@ -177,8 +178,13 @@ def engine_config_from_params(values: Mapping[str, Any]) -> SlamConfig:
     """
     values = {k: v for k, v in values.items() if v is not None}
     mode = values.get("mode", "rgbd")
-    if mode == "mono":
+    if mode == "mono" and not values.get("mono.checkpoint"):
         raise ConfigError(f"parameter 'mode': {MONO_MESSAGE}")
+    if mode == "mono":
+        from pathlib import Path
+
+        if not Path(str(values["mono.checkpoint"])).expanduser().is_file():
+            raise ConfigError(f"parameter 'mono.checkpoint': {values['mono.checkpoint']} is not a file. {MONO_MESSAGE}")
     try:
         return load_config(values)
     except ConfigError as exc:

@@ -1040,6 +1040,7 @@ class RelocNode(Node):
             "inliers": str(last.get("inliers", "nan")),
             "cells": str(last.get("cells", "nan")),
             "confidence": f"{last['confidence']:.3f}" if "confidence" in last else "nan",
+            "last_image_stamp": f"{last['stamp']:.6f}" if "stamp" in last else "nan",
             "processing_ms": f"{last['ms']:.1f}" if "ms" in last else "nan",
             "processing_ms_p50": f"{np.percentile(ms, 50):.1f}" if ms else "nan",
             "rate_hz": f"{rate:.2f}",
@@ -1060,9 +1061,7 @@ class RelocNode(Node):
         with self._lock:
             state, reason, level = self._state, self._reason, self._level
         if level is None:
-            level = DIAG_OK if state == "localised" else DIAG_WARN
-        if state == "localised":
-            level = DIAG_OK if not reason else DIAG_WARN
+            level = DIAG_OK if state == "localised" and not reason else DIAG_WARN
         types = self._types
         kv = [types.new("diagnostic_msgs/msg/KeyValue", key=k, value=v) for k, v in values.items()]
         diag = types.new("diagnostic_msgs/msg/DiagnosticStatus", name=f"{self.get_name()}: localisation",
