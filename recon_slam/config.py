@@ -257,6 +257,9 @@ class RelocSettings:
     mapping_frames: int = 300
     #: optimiser steps (0: the relocaliser's default).
     iterations: int = 0
+    #: wall-clock budget of the relocaliser training in seconds (0: 40 s on a GPU, 300 s on
+    #: the CPU); the learning-rate schedule follows whichever of steps and time runs out first.
+    max_seconds: float = 0.0
     #: processing resolution, shorter image side in pixels (0: the relocaliser's default).
     short_side: int = 0
     #: when tracking is lost, also ask the map's relocaliser (if one is loaded).
@@ -394,6 +397,7 @@ class SlamConfig:
         r = self.reloc
         _positive("reloc.mapping_frames", r.mapping_frames)
         _nonneg("reloc.iterations", r.iterations)
+        _nonneg("reloc.max_seconds", r.max_seconds)
         if r.short_side and not 32 <= r.short_side <= 2048:
             raise ConfigError("config key 'reloc.short_side' must be 0 (default) or 32..2048 pixels")
         o = self.output

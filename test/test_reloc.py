@@ -209,6 +209,31 @@ def test_buffer_targets_are_consistent_across_views():
     assert len(e) > 50 and np.median(e) < 0.01
 
 
+def test_novel_views_match_the_scene():
+    from recon_slam.reloc.buffer import synthesize_views
+
+    frames = _synth("room", "loop", 6)
+    mf = prepare_mapping_frames(frames, 96)
+    virt = synthesize_views(mf, 1.0, translation=0.2, rotation_deg=10.0, seed=0)
+    assert len(virt) == 6 and 0.5 < virt.masks.mean() < 1.0
+    # the warped depth of a virtual view agrees with the real depth of another mapping frame
+    errs = []
+    for k in range(6):
+        D, K, T = virt.depths[k], virt.K[k], virt.poses[k]
+        v, u = np.nonzero(D > 0)
+        z = D[v, u]
+        X = np.stack(((u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z), -1) @ T[:3, :3].T + T[:3, 3]
+        f = frames[(k + 1) % 6]
+        Ti = np.linalg.inv(f.T_world_cam_gt)
+        Xc = X @ Ti[:3, :3].T + Ti[:3, 3]
+        p = Xc @ f.camera.K.T
+        uv = p[:, :2] / p[:, 2:]
+        ok = (Xc[:, 2] > 0.1) & (uv[:, 0] > 1) & (uv[:, 0] < 126) & (uv[:, 1] > 1) & (uv[:, 1] < 94)
+        d = f.depth[uv[ok, 1].round().astype(int), uv[ok, 0].round().astype(int)]
+        errs.append(np.abs(d - Xc[ok, 2]) / d)
+    assert np.median(np.concatenate(errs)) < 0.01
+
+
 def test_mapping_input_errors():
     frames = _synth("room", "loop", 3, 64, 48)
     frames[1].T_world_cam_gt = None
@@ -247,7 +272,10 @@ def tiny_map():
     """A tiny map (fx != fy, off-centre principal point) trained on the CPU."""
     torch.manual_seed(0)
     frames = _anisotropic(_synth("room", "loop", 80, 128, 96))
-    cfg = RelocConfig(short_side=96, iterations=700, batch_images=4, min_inliers=40, seed=0)
+    # A slim network at 96 px keeps this under a minute on one CPU core; the pose precision
+    # at this resolution (f ~ 100 px, 192 cells) is a few centimetres, hence the 15 cm bar.
+    cfg = RelocConfig(short_side=96, encoder_widths=(8, 16, 32, 64, 128), head_width=128, iterations=1000,
+                      batch_images=4, nvs_views=0.0, min_inliers=40, seed=0)
     reloc, stats = train_relocaliser(frames[::2], cfg, device="cpu")
     return reloc, stats, frames
 
@@ -255,17 +283,19 @@ def tiny_map():
 def test_tiny_map_localises_and_rejects(tiny_map):
     reloc, stats, frames = tiny_map
     assert frames[0].camera.fx != frames[0].camera.fy
-    assert stats.iterations == 700 and stats.median_3d_error_m < 0.1
+    assert stats.iterations == 1000 and stats.median_3d_error_m < 0.06
     queries = frames[1::4]  # views between the mapping frames
-    good = 0
+    good, terrs = 0, []
     for f in queries:
         r = reloc.localize(f.image, f.camera)
         if r.ok:
             T, G = r.T_world_cam, f.T_world_cam_gt
             terr = np.linalg.norm(T[:3, 3] - G[:3, 3])
             rerr = math.degrees(math.acos(np.clip((np.trace(T[:3, :3].T @ G[:3, :3]) - 1) / 2, -1, 1)))
-            good += terr < 0.1 and rerr < 5.0
-    assert good >= 0.7 * len(queries), f"{good}/{len(queries)} queries within 10 cm / 5 deg"
+            good += terr < 0.15 and rerr < 5.0
+            terrs.append(terr)
+    assert good >= 0.7 * len(queries), f"{good}/{len(queries)} queries within 15 cm / 5 deg"
+    assert np.median(terrs) < 0.12
     wrong = _anisotropic(_synth("room_b", "reloc", 10, 128, 96))
     accepted = sum(reloc.localize(f.image, f.camera).ok for f in wrong)
     assert accepted <= 1, f"{accepted}/10 queries of another scene were accepted"

@@ -113,7 +113,8 @@ def train_map_relocaliser(arrays: dict[str, Any], settings=None, device: Any = "
     Args:
         arrays: mapping input (:func:`mapping_arrays` / :func:`keyframe_mapping_arrays`).
         settings: the engine's ``reloc`` configuration section (iterations, short_side;
-            0 keeps the relocaliser's defaults) or None.
+            0 keeps the relocaliser's defaults; max_seconds, 0 = 40 s on a GPU, 300 s on
+            the CPU) or None.
         device: 'auto', 'cpu', 'cuda'.
         progress: optional callback of the trainer (``{"step", "steps", "loss", ...}``).
 
@@ -122,9 +123,16 @@ def train_map_relocaliser(arrays: dict[str, Any], settings=None, device: Any = "
     """
     from recon_slam.reloc.trainer import RelocConfig, train_relocaliser
 
+    import torch
+
     kw: dict[str, Any] = {}
     if settings is not None and getattr(settings, "iterations", 0):
         kw["iterations"] = int(settings.iterations)
+    budget = float(getattr(settings, "max_seconds", 0.0) or 0.0) if settings is not None else 0.0
+    if budget <= 0:
+        on_gpu = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
+        budget = 40.0 if on_gpu else 300.0
+    kw["max_seconds"] = budget
     if settings is not None and getattr(settings, "short_side", 0):
         kw["short_side"] = int(settings.short_side)
     return train_relocaliser(arrays, RelocConfig(**kw), device=device, progress=progress)

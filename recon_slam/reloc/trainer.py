@@ -85,8 +85,8 @@ class RelocConfig:
     weights_dtype: str = "float16"
 
     short_side: int = 240
-    iterations: int = 3000
-    batch_images: int = 8
+    iterations: int = 10000
+    batch_images: int = 16
     max_seconds: Optional[float] = None
     lr_max: float = 3e-3
     lr_start_div: float = 10.0
@@ -99,7 +99,7 @@ class RelocConfig:
     aug_contrast: float = 0.1
     depth_smooth: float = 0.05
     nvs_views: float = 1.0
-    nvs_translation: float = 0.15
+    nvs_translation: float = 0.2
     nvs_rotation_deg: float = 10.0
     reprojection_weight: float = 1.0
     reprojection_all_from: float = 1.0
@@ -109,7 +109,7 @@ class RelocConfig:
     hypotheses: int = 64
     threshold_px: float = 10.0
     refine_iterations: int = 12
-    min_inliers: int = 100
+    min_inliers: int = 50
     min_inlier_ratio: float = 0.2
 
     def __post_init__(self) -> None:
@@ -296,7 +296,7 @@ def train_relocaliser(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr_max / cfg.lr_start_div, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     stats = TrainStats(frames=n_real, virtual_frames=len(frames) - n_real, device=str(dev))
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     cells = 0.0
     t_train = time.perf_counter()
     step = 0
