@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from recon_slam.errors import InputError
-from recon_slam.geometry.camera import PinholeCamera
 from recon_slam.geometry.lie import so3_exp
 from recon_slam.models.ace import (
     ACE_WIDTHS,

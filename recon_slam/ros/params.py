@@ -222,7 +222,12 @@ def extrinsic_from_values(values: Any) -> Optional[np.ndarray]:
     )
 
 
-def _typed(name: str, value: Any, default: Any) -> Any:
+def typed_value(name: str, value: Any, default: Any) -> Any:
+    """``value`` of parameter ``name`` checked against the type of its ``default``.
+
+    Integers are accepted for float parameters (and made floats, finite only); bools are
+    never taken for numbers. Raises :class:`ConfigError` naming the parameter.
+    """
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -250,7 +255,7 @@ def node_settings_from_params(values: Mapping[str, Any]) -> NodeSettings:
     v = {name: default for name, (default, _) in NODE_PARAMETERS.items()}
     for name, value in values.items():
         if name in NODE_PARAMETERS and value is not None:
-            v[name] = _typed(name, value, NODE_PARAMETERS[name][0])
+            v[name] = typed_value(name, value, NODE_PARAMETERS[name][0])
     for name, choices in _CHOICES.items():
         if v[name] not in choices:
             raise ConfigError(f"parameter {name!r}: {v[name]!r} is not one of {', '.join(choices)}")

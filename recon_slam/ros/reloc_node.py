@@ -97,7 +97,7 @@ from recon_slam.io.messages import (
 from recon_slam.io.ros_inputs import LatestSlot, camera_from_info
 from recon_slam.io.ros_outputs import DIAG_ERROR, DIAG_OK, DIAG_WARN, FrameNames, default_T_base_cam
 from recon_slam.io.tf_buffer import TfBuffer, TfLookupError
-from recon_slam.ros.params import extrinsic_from_values
+from recon_slam.ros.params import extrinsic_from_values, typed_value
 
 __all__ = [
     "RELOC_NODE_NAME",
@@ -218,25 +218,6 @@ class RelocSettings:
     diagnostics_period: float = 1.0
 
 
-def _typed(name: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-            if not math.isfinite(value):
-                raise ConfigError(f"parameter {name!r} must be finite, got {value}")
-            return value
-    elif isinstance(default, str):
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"parameter {name!r} expects {type(default).__name__}, got {type(value).__name__} ({value!r})")
-
-
 def reloc_settings_from_params(values: Mapping[str, Any]) -> RelocSettings:
     """Node settings from ``{parameter: value}`` (missing ones keep :data:`RELOC_PARAMETERS` defaults).
 
@@ -249,7 +230,7 @@ def reloc_settings_from_params(values: Mapping[str, Any]) -> RelocSettings:
     v = {name: default for name, (default, _) in RELOC_PARAMETERS.items()}
     for name, value in values.items():
         if name in RELOC_PARAMETERS and value is not None:
-            v[name] = _typed(name, value, RELOC_PARAMETERS[name][0])
+            v[name] = typed_value(name, value, RELOC_PARAMETERS[name][0])
     for name, choices in _CHOICES.items():
         if v[name] not in choices:
             raise ConfigError(f"parameter {name!r}: {v[name]!r} is not one of {', '.join(choices)}")
