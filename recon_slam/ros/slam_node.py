@@ -911,8 +911,16 @@ class SlamNode(Node):
             with self._map_cv:
                 self._map_cv.wait_for(lambda: bool(self._map_request) or self._stop.is_set(), timeout=0.5)
                 request, self._map_request = self._map_request, {}
-            request = self._within_budget(request)
+            request, deferred = self._within_budget(request)
+            if deferred:
+                # over budget now: keep them pending (a newer request wins) and retry when the
+                # budget allows, so the last state is always published, even after the stream stops
+                with self._map_cv:
+                    for name, stamp in deferred.items():
+                        self._map_request.setdefault(name, stamp)
             if not request:
+                if deferred:
+                    self._stop.wait(min(self._budget_wait(deferred), 0.5))
                 continue
             try:
                 if self._process_mode:
@@ -934,21 +942,32 @@ class SlamNode(Node):
             o.cloud_stride if o is not None else 1,
         )
 
-    def _within_budget(self, request: dict[str, float]) -> dict[str, float]:
-        """Drop due map outputs whose last build cost more than :data:`MAP_OUTPUT_CPU_SHARE` of the time since.
+    def _within_budget(self, request: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """Split due map outputs into those to build now and those deferred: an output whose last
+        build cost more than :data:`MAP_OUTPUT_CPU_SHARE` of the time since waits.
 
         The path grows with every frame (a PoseStamped each), the cloud with the map: without this
         bound a long run would spend a whole core rebuilding them, next to the engine.
+
+        Returns:
+            ``(now, deferred)``: ``{output name: header stamp}`` each.
         """
         now = time.monotonic()
-        keep = {}
+        keep, deferred = {}, {}
         for name, stamp in request.items():
             last = self._map_last.get(name)
             if last is not None and now - last < self._map_cost.get(name, 0.0) / MAP_OUTPUT_CPU_SHARE:
                 self._map_throttled[name] = self._map_throttled.get(name, 0) + 1
+                deferred[name] = stamp
             else:
                 keep[name] = stamp
-        return keep
+        return keep, deferred
+
+    def _budget_wait(self, deferred: dict[str, float]) -> float:
+        """Seconds until the first deferred output fits in the budget again."""
+        now = time.monotonic()
+        return max(0.0, min(self._map_last.get(n, now) + self._map_cost.get(n, 0.0) / MAP_OUTPUT_CPU_SHARE - now
+                            for n in deferred))
 
     def _account(self, name: str, seconds: float) -> None:
         self._map_cost[name] = seconds
