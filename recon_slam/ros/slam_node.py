@@ -1353,10 +1353,23 @@ def main(args: Optional[list[str]] = None) -> None:
     process, or thread with ``engine_process:=false``), and on a small CPU a multi-threaded
     executor's extra Python threads compete for the interpreter lock.
     """
-    rclpy.init(args=args)
+    import signal
+
+    from rclpy.signals import SignalHandlerOptions
+
+    # our own SIGINT/SIGTERM handling: the node's threads (engine results, map outputs) stop
+    # publishing before the ROS context goes away (rclpy's handler would shut it down first)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = SlamNode()
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+
+    def _on_signal(signum, _frame) -> None:
+        node.shutdown()
+        rclpy.try_shutdown()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
