@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -246,25 +246,41 @@ def typed_value(name: str, value: Any, default: Any) -> Any:
     raise ConfigError(f"parameter {name!r} expects {type(default).__name__}, got {type(value).__name__} ({value!r})")
 
 
+def checked_values(values: Mapping[str, Any], parameters: Mapping[str, tuple], choices: Mapping[str, Sequence[str]],
+                   non_negative: Sequence[str], positive: Sequence[str]) -> dict[str, Any]:
+    """Parameter values over their defaults, type-, choice- and range-checked (every node).
+
+    Args:
+        values: ``{name: value}`` given (None and unknown names are ignored).
+        parameters: ``{name: (default, description)}``; choices: ``{name: allowed values}``;
+        non_negative, positive: names that must be >= 0 / > 0.
+
+    Raises:
+        ConfigError: naming the parameter.
+    """
+    v = {name: default for name, (default, _) in parameters.items()}
+    for name, value in values.items():
+        if name in parameters and value is not None:
+            v[name] = typed_value(name, value, parameters[name][0])
+    for name, allowed in choices.items():
+        if v[name] not in allowed:
+            raise ConfigError(f"parameter {name!r}: {v[name]!r} is not one of {', '.join(allowed)}")
+    for name in non_negative:
+        if v[name] < 0:
+            raise ConfigError(f"parameter {name!r} must be >= 0 (got {v[name]!r})")
+    for name in positive:
+        if not v[name] > 0:
+            raise ConfigError(f"parameter {name!r} must be > 0 (got {v[name]!r})")
+    return v
+
+
 def node_settings_from_params(values: Mapping[str, Any]) -> NodeSettings:
     """Node settings from parameters (missing ones keep :data:`NODE_PARAMETERS` defaults).
 
     Raises:
         ConfigError: unknown choice, wrong type or out-of-range value (names the parameter).
     """
-    v = {name: default for name, (default, _) in NODE_PARAMETERS.items()}
-    for name, value in values.items():
-        if name in NODE_PARAMETERS and value is not None:
-            v[name] = typed_value(name, value, NODE_PARAMETERS[name][0])
-    for name, choices in _CHOICES.items():
-        if v[name] not in choices:
-            raise ConfigError(f"parameter {name!r}: {v[name]!r} is not one of {', '.join(choices)}")
-    for name in _NON_NEGATIVE:
-        if v[name] < 0:
-            raise ConfigError(f"parameter {name!r} must be >= 0 (got {v[name]!r})")
-    for name in _POSITIVE:
-        if not v[name] > 0:
-            raise ConfigError(f"parameter {name!r} must be > 0 (got {v[name]!r})")
+    v = checked_values(values, NODE_PARAMETERS, _CHOICES, _NON_NEGATIVE, _POSITIVE)
     frames = FrameNames(
         map=v["map_frame"].strip("/"), odom=v["odom_frame"].strip("/"), base=v["base_frame"].strip("/"),
         camera=v["camera_frame"].strip("/") or "camera_optical_frame",

@@ -73,11 +73,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
@@ -97,7 +95,7 @@ from recon_slam.io.messages import (
 from recon_slam.io.ros_inputs import LatestSlot, camera_from_info
 from recon_slam.io.ros_outputs import DIAG_ERROR, DIAG_OK, DIAG_WARN, FrameNames, default_T_base_cam
 from recon_slam.io.tf_buffer import TfBuffer, TfLookupError
-from recon_slam.ros.params import extrinsic_from_values, typed_value
+from recon_slam.ros.params import checked_values, extrinsic_from_values
 
 __all__ = [
     "RELOC_NODE_NAME",
@@ -227,19 +225,7 @@ def reloc_settings_from_params(values: Mapping[str, Any]) -> RelocSettings:
         ConfigError: wrong type, unknown choice, out-of-range value or equal frame names;
             the message names the parameter.
     """
-    v = {name: default for name, (default, _) in RELOC_PARAMETERS.items()}
-    for name, value in values.items():
-        if name in RELOC_PARAMETERS and value is not None:
-            v[name] = typed_value(name, value, RELOC_PARAMETERS[name][0])
-    for name, choices in _CHOICES.items():
-        if v[name] not in choices:
-            raise ConfigError(f"parameter {name!r}: {v[name]!r} is not one of {', '.join(choices)}")
-    for name in _NON_NEGATIVE:
-        if v[name] < 0:
-            raise ConfigError(f"parameter {name!r} must be >= 0 (got {v[name]!r})")
-    for name in _POSITIVE:
-        if not v[name] > 0:
-            raise ConfigError(f"parameter {name!r} must be > 0 (got {v[name]!r})")
+    v = checked_values(values, RELOC_PARAMETERS, _CHOICES, _NON_NEGATIVE, _POSITIVE)
     if v["min_inliers"] < -1:
         raise ConfigError(f"parameter 'min_inliers' must be -1 (the map's setting) or >= 0 (got {v['min_inliers']})")
     if v["min_inlier_ratio"] != -1.0 and not 0.0 <= v["min_inlier_ratio"] <= 1.0:
@@ -1070,18 +1056,9 @@ class RelocNode(Node):
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``ros2 run recon_slam reloc_node``."""
-    rclpy.init(args=args)
-    node = RelocNode()
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    from recon_slam.ros.spin import spin_node
+
+    spin_node(RelocNode, args)
 
 
 if __name__ == "__main__":

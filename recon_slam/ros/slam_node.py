@@ -46,11 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
@@ -1353,31 +1351,9 @@ def main(args: Optional[list[str]] = None) -> None:
     process, or thread with ``engine_process:=false``), and on a small CPU a multi-threaded
     executor's extra Python threads compete for the interpreter lock.
     """
-    import signal
+    from recon_slam.ros.spin import spin_node
 
-    from rclpy.signals import SignalHandlerOptions
-
-    # our own SIGINT/SIGTERM handling: the node's threads (engine results, map outputs) stop
-    # publishing before the ROS context goes away (rclpy's handler would shut it down first)
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = SlamNode()
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-
-    def _on_signal(signum, _frame) -> None:
-        node.shutdown()
-        rclpy.try_shutdown()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(SlamNode, args)
 
 
 if __name__ == "__main__":
