@@ -17,9 +17,10 @@ recipe (generated on the device). Inputs are 512x384 images. Measured, per preci
 
 Modes: float32 eager, bf16 autocast eager (heads in float32, as the reference), bf16 with
 bf16 heads, bf16 with CUDA graphs (encoder, decoder and the whole tracking step captured
-for static shapes) and, with ``--compile``, ``torch.compile`` of encoder and decoder. Also
+for static shapes; heads in float32 or bf16) and, with ``--compile``, ``torch.compile`` of encoder and decoder. Also
 reported: bytes per keyframe of the cached float16 encoder tokens and the bf16-vs-float32
-output drift. Results: ``benchmarks/results/mast3r_speed_<device>.json`` (``--name`` to
+output drift; with ``--profile``, a torch.profiler kernel table of the eager bf16 frame step
+(``<name>_profile.txt``). Results: ``benchmarks/results/mast3r_speed_<device>.json`` (``--name`` to
 override).
 """
 
@@ -141,11 +142,14 @@ def run_mode(net: MASt3RNet, name: str, device: torch.device, imgs: torch.Tensor
     return result
 
 
-def run_graphs(net: MASt3RNet, device: torch.device, imgs: torch.Tensor, batch: int, iters: int, warmup: int) -> dict:
-    """bf16 autocast with CUDA graphs of encoder, decoder and the whole tracking step."""
+def run_graphs(net: MASt3RNet, device: torch.device, imgs: torch.Tensor, batch: int, iters: int, warmup: int,
+               head: torch.dtype | None = None) -> dict:
+    """bf16 autocast with CUDA graphs of encoder, decoder and the whole tracking step
+    (heads in ``head`` dtype, None = float32)."""
     from recon_slam.models.mast3r.cuda_graphs import capture_decoder, capture_encoder, capture_frame_step
 
     hw = tuple(imgs.shape[-2:])
+    net.set_precision(None, head)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -161,7 +165,7 @@ def run_graphs(net: MASt3RNet, device: torch.device, imgs: torch.Tensor, batch: 
         many_kf = kf_tokens.expand(batch, -1, -1).contiguous()
         result = {
             "amp_dtype": "bfloat16",
-            "head_dtype": "float32",
+            "head_dtype": str(head).replace("torch.", "") if head else "float32",
             "capture_s": round(capture_s, 2),
             "encode": time_call(lambda: enc(frame), device, iters, warmup),
             "decode_pair": time_call(lambda: dec(frame_tokens, kf_tokens), device, iters, warmup),
@@ -170,18 +174,40 @@ def run_graphs(net: MASt3RNet, device: torch.device, imgs: torch.Tensor, batch: 
                                               iters, warmup),
         }
         # the graphs compute what eager bf16 computes
-        net.set_precision(torch.bfloat16)
+        net.set_precision(torch.bfloat16, head)
         eager = net.decode(frame_tokens, kf_tokens, hw)
         net.set_precision(None)
         graphed = dec(frame_tokens, kf_tokens)
         result["max_abs_diff_vs_eager_bf16_pts3d"] = float((eager.view1.pts3d - graphed.view1.pts3d).abs().max())
     result[f"decode_batch{batch}"]["per_pair_ms"] = round(result[f"decode_batch{batch}"]["median_ms"] / batch, 3)
     result["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    print(f"{'bf16 cuda graphs':>16}: encode {result['encode']['median_ms']:.2f} ms, decode pair "
+    print(f"{'bf16 cuda graphs' + (' bf16 heads' if head else ''):>16}: encode {result['encode']['median_ms']:.2f} ms, decode pair "
           f"{result['decode_pair']['median_ms']:.2f} ms, frame {result['frame']['median_ms']:.2f} ms, "
           f"{batch} pairs {result[f'decode_batch{batch}']['median_ms']:.2f} ms")
     del enc, dec, dec_b, step
     return result
+
+
+def profile_decode(net: MASt3RNet, device: torch.device, imgs: torch.Tensor, head: torch.dtype | None,
+                   rows: int = 30) -> str:
+    """torch.profiler table (GPU time per kernel) of one eager bf16 frame step (encode + decode)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hw = tuple(imgs.shape[-2:])
+    net.set_precision(torch.bfloat16, head)
+    with torch.no_grad():
+        kf_tokens = net.encode(imgs[1:2], out_dtype=torch.float16)[0]
+        for _ in range(3):
+            net.decode(net.encode(imgs[:1], out_dtype=torch.float16)[0], kf_tokens, hw)
+        _sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                net.decode(net.encode(imgs[:1], out_dtype=torch.float16)[0], kf_tokens, hw)
+            _sync(device)
+    net.set_precision(None)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def output_drift(net: MASt3RNet, imgs: torch.Tensor) -> dict:
@@ -212,8 +238,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph mode")
+    parser.add_argument("--modes", default="fp32_eager,bf16_eager,bf16_eager_bf16_heads,bf16_cuda_graphs,"
+                        "bf16_cuda_graphs_bf16_heads", help="comma-separated subset of the modes to measure")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write a torch.profiler kernel table of the eager bf16 frame step")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    wanted = set(args.modes.split(","))
 
     device = torch.device(args.device)
     args.width = args.width or (128 if args.quick else 512)
@@ -237,18 +268,22 @@ def main() -> None:
           f"{args.width}x{args.height}, built in {build_s:.1f} s")
 
     modes: dict[str, dict] = {}
-    modes["fp32_eager"] = run_mode(net, "fp32 eager", device, imgs, args.batch, iters, warmup, None, None)
-    if cuda or args.quick:
+    if "fp32_eager" in wanted:
+        modes["fp32_eager"] = run_mode(net, "fp32 eager", device, imgs, args.batch, iters, warmup, None, None)
+    if (cuda or args.quick) and "bf16_eager" in wanted:
         modes["bf16_eager"] = run_mode(net, "bf16 eager", device, imgs, args.batch, iters, warmup,
                                        torch.bfloat16, None)
     if cuda:
-        modes["bf16_eager_bf16_heads"] = run_mode(net, "bf16 + bf16 heads", device, imgs, args.batch, iters,
-                                                  warmup, torch.bfloat16, torch.bfloat16)
-        if not args.no_graphs:
+        if "bf16_eager_bf16_heads" in wanted:
+            modes["bf16_eager_bf16_heads"] = run_mode(net, "bf16 + bf16 heads", device, imgs, args.batch, iters,
+                                                      warmup, torch.bfloat16, torch.bfloat16)
+        for mode, head in (("bf16_cuda_graphs", None), ("bf16_cuda_graphs_bf16_heads", torch.bfloat16)):
+            if args.no_graphs or mode not in wanted:
+                continue
             try:
-                modes["bf16_cuda_graphs"] = run_graphs(net, device, imgs, args.batch, iters, warmup)
+                modes[mode] = run_graphs(net, device, imgs, args.batch, iters, warmup, head)
             except Exception as exc:  # noqa: BLE001 - report and continue with the other modes
-                modes["bf16_cuda_graphs"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                modes[mode] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 print(f"CUDA graphs failed: {exc}")
     if args.compile:
         try:
@@ -279,6 +314,15 @@ def main() -> None:
     }
     name = args.name or f"mast3r_speed_{device.type}{'_quick' if args.quick else ''}"
     write_results(name, results)
+    if args.profile:
+        from common import RESULTS_DIR
+
+        text = ""
+        for head in (None, torch.bfloat16):
+            text += f"\n=== eager bf16 frame step (encode + decode), heads {head or 'float32'}, 5 runs ===\n"
+            text += profile_decode(net, device, imgs, head)
+        (RESULTS_DIR / f"{name}_profile.txt").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,12 @@ def run_slam(
     t0 = time.perf_counter()
     try:
         bar = tqdm(source, total=n_total, desc=desc, unit="frame", disable=not progress, dynamic_ncols=True)
-        for frame in bar:
+        frames = iter(bar)
+        upcoming = next(frames, None)
+        while upcoming is not None:
+            frame, upcoming = upcoming, next(frames, None)
+            if upcoming is not None:  # the network may start on the next frame (mono, CUDA)
+                system.prefetch(upcoming)
             result = system.process(frame)
             states[result.state] = states.get(result.state, 0) + 1
             if on_frame is not None:

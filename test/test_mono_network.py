@@ -8,6 +8,7 @@ oracle tests and benchmarks cover.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from recon_slam.config import load_config
@@ -42,3 +43,101 @@ def test_mono_engine_runs_on_the_network(tmp_path):
     assert all(np.all(np.isfinite(r.T_world_cam)) for r in results)
     stamps, T = system.trajectory()
     assert len(stamps) == 4
+
+
+def _tiny_net(seed: int = 0):
+    torch.manual_seed(seed)
+    net = build_model(TINY_ARGS, device="cpu")
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return net.eval()
+
+
+def test_bfloat16_precision_runs_on_the_cpu():
+    """mono.precision=bfloat16 casts our network's weights; outputs stay float32 and close."""
+    from recon_slam.frontend.mast3r_predictor import Mast3rPredictor
+
+    seq = SyntheticSequence(frames=2, width=128, height=96, seed=0)
+    frames = list(seq)
+    outs = {}
+    for prec in ("float32", "bfloat16"):
+        cfg = load_config(None, {"mode": "mono", "device": "cpu", "mono.long_side": 128, "mono.precision": prec})
+        pred = Mast3rPredictor(cfg.predictor, "cpu", mono_config=cfg.mono, network=_tiny_net())
+        assert pred.precision == prec and not pred.cuda_graphs
+        assert pred.network.decoder_embed.weight.dtype == (torch.bfloat16 if prec == "bfloat16" else torch.float32)
+        pred.predict(frames[1])
+        kf = type("KF", (), {"frame_index": frames[1].index})()
+        outs[prec] = pred.predict(frames[0], kf)
+    lo, hi = outs["bfloat16"], outs["float32"]
+    assert lo.X_cam.dtype == torch.float32 and torch.isfinite(lo.X_cam).all()
+    rel = (lo.X_cam - hi.X_cam).abs().max() / hi.X_cam.abs().max()
+    assert rel < 0.05, rel
+    assert (lo.D * hi.D).sum(-1).mean() > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_predictions_equal_eager_ones():
+    """With mono.cuda_graphs the predictor replays captured graphs: same numbers as eager,
+    and results of earlier calls are not overwritten by later replays."""
+    from recon_slam.frontend.mast3r_predictor import Mast3rPredictor
+
+    seq = SyntheticSequence(frames=3, width=128, height=96, seed=0)
+    frames = list(seq)
+    kf = type("KF", (), {"frame_index": frames[0].index})()
+    res = {}
+    for graphs in (False, True):
+        cfg = load_config(None, {"mode": "mono", "device": "cuda", "mono.long_side": 128,
+                                 "mono.cuda_graphs": graphs})
+        pred = Mast3rPredictor(cfg.predictor, "cuda", mono_config=cfg.mono, network=_tiny_net().cuda())
+        assert pred.cuda_graphs == graphs
+        pred.predict(frames[0])
+        res[graphs] = [pred.predict(frames[1], kf), pred.predict(frames[2], kf)]
+    for a, b in zip(res[False], res[True]):
+        for name in ("X_cam", "C", "D", "Q", "X_other"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-2, atol=1e-3), name
+    assert not torch.equal(res[True][0].X_cam, res[True][1].X_cam)
+
+
+def test_prefetched_predictions_equal_direct_ones():
+    """SlamSystem.prefetch runs the network on the next frame in a background thread; the
+    engine gets the same predictions (and falls back when the keyframe changed)."""
+    from recon_slam.frontend.mast3r_predictor import Mast3rPredictor
+
+    seq = SyntheticSequence(frames=6, width=128, height=96, seed=0)
+    frames = list(seq)
+    cfg = load_config(None, {"mode": "mono", "device": "cpu", "mono.long_side": 128, "backend.enabled": False})
+    net = _tiny_net()
+    direct = Mast3rPredictor(cfg.predictor, "cpu", mono_config=cfg.mono, network=net)
+    piped = Mast3rPredictor(cfg.predictor, "cpu", mono_config=cfg.mono, network=net)
+    piped._pipeline_on_cpu = True
+    kf0 = type("KF", (), {"frame_index": frames[0].index})()
+    kf2 = type("KF", (), {"frame_index": frames[2].index})()
+    for p in (direct, piped):
+        p.predict(frames[0])
+    a = direct.predict(frames[1], kf0)
+    piped.prefetch(frames[1], kf0)
+    b = piped.predict(frames[1], kf0)
+    assert piped._pending is None
+    assert torch.allclose(a.X_cam, b.X_cam) and torch.allclose(a.X_other, b.X_other)
+    # the keyframe changed after the prefetch started: the right pair is decoded instead
+    direct.predict(frames[2])
+    piped.predict(frames[2])
+    piped.prefetch(frames[3], kf0)
+    c = piped.predict(frames[3], kf2)
+    d = direct.predict(frames[3], kf2)
+    assert c.other_index == frames[2].index and torch.allclose(c.X_other, d.X_other)
+    piped.close()
+
+    # whole engine: the runner's prefetch path gives the same trajectory
+    results = {}
+    for pipelined in (False, True):
+        pred = Mast3rPredictor(cfg.predictor, "cpu", mono_config=cfg.mono, network=net)
+        pred._pipeline_on_cpu = pipelined
+        system = SlamSystem(cfg, seq.camera, predictor=pred)
+        for i, f in enumerate(frames):
+            if i + 1 < len(frames):
+                system.prefetch(frames[i + 1])
+            system.process(f)
+        results[pipelined] = system.trajectory()[1]
+        system.close()
+    np.testing.assert_allclose(results[False], results[True], atol=1e-6)

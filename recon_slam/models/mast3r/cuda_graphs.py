@@ -39,7 +39,9 @@ class CapturedCall:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
+        # thread_local: work other threads launch meanwhile (e.g. a backend) does not break
+        # the capture; the caller keeps those threads off this network while capturing
+        with torch.no_grad(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_outputs = fn(*self.static_inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
