@@ -214,6 +214,17 @@ class MonoConfig:
     calibrated: bool = False
     #: network input size: long side in pixels (the image is then centre-cropped to multiples of 16).
     long_side: int = 512
+    #: network arithmetic: 'auto' (bfloat16 weights on CUDA, float32 on the CPU), 'float32',
+    #: 'bfloat16' (weights cast, no autocast: fastest on GPUs), 'autocast' (float32 weights,
+    #: bfloat16 autocast in encoder/decoder, float32 heads, as the reference code).
+    precision: str = "auto"
+    #: on CUDA, replay encoder and decoder as CUDA graphs captured once per input size (removes
+    #: the launch overhead of ~2,000 kernels per frame).
+    cuda_graphs: bool = True
+    #: on CUDA, run the network on the next frame (``SlamSystem.prefetch``) in a background
+    #: thread and stream while the engine tracks the current one (throughput ~ max(network,
+    #: engine) instead of their sum).
+    pipeline: bool = True
     #: keyframe pixels matched per frame: every match_stride-th pixel along each axis.
     match_stride: int = 2
     #: iterative projective matching: Levenberg-Marquardt iterations per point.
@@ -245,6 +256,18 @@ class MonoConfig:
     #: keyframe fusion: a predicted keyframe point further than this fraction of its distance
     #: from the fused one is not fused (occlusion / outlier).
     fusion_max_distance: float = 0.1
+    #: per-frame tracking step (matching + Sim(3) solve): 'host' (host loops, early exits, a
+    #: host read per Gauss-Newton iteration), 'device' (fixed shapes and iteration counts,
+    #: every decision on the device, one host read per frame; runs on any device), 'graph'
+    #: (the device step replayed as one CUDA graph per input shape; eager device step off
+    #: CUDA), 'auto' (= graph on CUDA, host elsewhere).
+    device_loop: str = "auto"
+    #: device step: Sim(3) Levenberg-Marquardt iterations (fixed; a solve that meets the host
+    #: loop's stopping test earlier keeps its pose, so this only caps max_iterations).
+    device_iterations: int = 8
+    #: device step: dtype of the descriptors gathered by the refinement: 'auto' (float16 on
+    #: CUDA, float32 elsewhere), 'float32', 'float16', 'bfloat16'.
+    device_descriptor_dtype: str = "auto"
 
 
 @dataclass
@@ -388,12 +411,16 @@ class SlamConfig:
             _positive(f"mono.{name}", getattr(m, name))
         if m.long_side % 16:
             raise ConfigError("config key 'mono.long_side' must be a multiple of 16")
+        _choice("mono.precision", m.precision, ("auto", "float32", "bfloat16", "autocast"))
         _nonneg("mono.match_iterations", m.match_iterations)
         _nonneg("mono.refine_radius", m.refine_radius)
         _nonneg("mono.max_iterations", m.max_iterations)
         if any((not isinstance(v, int)) or v < 1 for v in m.refine_dilations):
             raise ConfigError("config key 'mono.refine_dilations' must be a list of integers >= 1")
         _fraction("mono.min_valid_fraction", m.min_valid_fraction)
+        _choice("mono.device_loop", m.device_loop, ("auto", "host", "device", "graph"))
+        _positive("mono.device_iterations", m.device_iterations)
+        _choice("mono.device_descriptor_dtype", m.device_descriptor_dtype, ("auto", "float32", "float16", "bfloat16"))
         r = self.reloc
         _positive("reloc.mapping_frames", r.mapping_frames)
         _nonneg("reloc.iterations", r.iterations)

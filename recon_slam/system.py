@@ -33,7 +33,8 @@ import torch
 from recon_slam.config import SlamConfig, load_config
 from recon_slam.frontend.keyframes import Keyframe, KeyframeMap, need_new_keyframe
 from recon_slam.frontend.predictors import Prediction, make_predictor
-from recon_slam.frontend.tracking import SourceLevel, Tracker, TrackResult, source_levels
+from recon_slam.frontend.tracking import (SourceLevel, Tracker, TrackResult, source_levels,
+                                         source_levels_graphed)
 from recon_slam.geometry import lie
 from recon_slam.geometry.camera import PinholeCamera
 from recon_slam.io.frame import Frame
@@ -237,12 +238,26 @@ class SlamSystem:
             self._reset_state()
 
     def close(self) -> None:
-        """Stop the backend thread (idempotent)."""
+        """Stop the backend thread and the predictor's helper threads (idempotent)."""
+        closer = getattr(self.predictor, "close", None)
+        if callable(closer):
+            closer()
         if self.backend is not None:
             try:
                 self.backend.close()
             finally:
                 self.backend = None
+
+    def prefetch(self, frame: Frame) -> None:
+        """Let the predictor start on ``frame`` (the next one) while :meth:`process` works on
+        the current frame: the MASt3R predictor runs its network in a background CUDA stream
+        (``mono.pipeline``); other predictors ignore it. Call it before ``process(current)``.
+        """
+        fn = getattr(self.predictor, "prefetch", None)
+        if fn is None:
+            return
+        kf = self.keyframe_map.get(self._kf_id) if self._kf_id is not None else None
+        fn(frame, kf)
 
     def finish(self) -> None:
         """Wait until the backend has processed every queued keyframe."""
@@ -268,21 +283,36 @@ class SlamSystem:
 
     def _levels(self, pred: Prediction, geometry_only: bool = False) -> list[SourceLevel]:
         t = self.config.tracking
-        levels = source_levels(pred.X_cam, pred.C, pred.image, pred.camera, t.pyramid, t.max_points,
-                               self.config.predictor.discontinuity_ratio, t.point_selection)
+        graph = getattr(self, "_graph_levels", None)  # None: on CUDA with the graph loop
+        if graph is None:
+            graph = self.device.type == "cuda" and t.device_loop in ("graph", "auto")
+        if graph:
+            # fixed-size levels, one CUDA graph replay (static buffers, used within the frame)
+            cache = self.__dict__.setdefault("_level_graphs", {})
+            levels = source_levels_graphed(cache, pred.X_chw, pred.C, pred.image, pred.camera, t.pyramid,
+                                           t.max_points, self.config.predictor.discontinuity_ratio,
+                                           t.point_selection)
+        else:
+            levels = source_levels(pred.X_cam, pred.C, pred.image, pred.camera, t.pyramid, t.max_points,
+                                   self.config.predictor.discontinuity_ratio, t.point_selection)
         if geometry_only:  # no usable intensities (black image): no photometric term
             for lv in levels:
                 lv.intensity = None
         return levels
 
-    def _track(self, kf: Keyframe, sources: list[SourceLevel], T_init: np.ndarray) -> TrackResult:
+    def _track(self, kf: Keyframe, sources: list[SourceLevel], T_init: np.ndarray,
+               extra: Optional[torch.Tensor] = None) -> TrackResult:
         refs = kf.references(self.config.tracking.pyramid, self.config.predictor.discontinuity_ratio,
                              max_age=self.config.keyframes.refresh_interval - 1)
-        return self.tracker.track(sources, refs, T_init)
+        return self.tracker.track(sources, refs, T_init, extra=extra)
 
-    def _is_blank(self, frame: Frame, pred: Prediction) -> str:
-        """Why the frame cannot be tracked at all ('' when it can)."""
-        if pred.valid_fraction <= 0.01:
+    def _is_blank(self, frame: Frame, pred: Prediction, check_valid: bool = True) -> str:
+        """Why the frame cannot be tracked at all ('' when it can).
+
+        ``check_valid=False`` skips the valid-depth test (its count is still on the device
+        and is read with the tracking result, see :meth:`_process`).
+        """
+        if check_valid and pred.valid_fraction <= 0.01:
             return "no valid depth" if self.config.mode == "rgbd" else "no valid disparity"
         if self._image_is_black(pred):
             if self.config.tracking.lost_on_black_image:
@@ -292,7 +322,10 @@ class SlamSystem:
     @staticmethod
     def _image_is_black(pred: Prediction) -> bool:
         img = pred.image
-        return img.numel() == 0 or int(img.max()) <= 2
+        if img.numel() == 0:
+            return True
+        m = getattr(pred, "image_max", None)  # host value when the predictor has it
+        return (int(img.max()) if m is None else m) <= 2
 
     def _new_keyframe(self, frame: Frame, pred: Prediction, T_world_kf: np.ndarray) -> Keyframe:
         kf = Keyframe(
@@ -377,7 +410,13 @@ class SlamSystem:
         cfg = self.config
         t0 = time.perf_counter()
         pred = self.predictor.predict(frame)
-        blank = self._is_blank(frame, pred)
+        # the valid-pixel count of a device prediction is read with the tracking result
+        # (one host synchronisation per frame) when the frame is going to be tracked
+        defer = (isinstance(getattr(pred, "valid_count", None), torch.Tensor) and self._kf_id is not None
+                 and self._lost_since is None)
+        blank = self._is_blank(frame, pred, check_valid=not defer)
+        if defer and blank:  # black image: the reason depends on the valid count too
+            blank = self._is_blank(frame, pred)
         t0 = self._tick("predict", t0)
 
         # ---------------- first keyframe
@@ -409,7 +448,14 @@ class SlamSystem:
 
         kf = self.keyframe_map.get(self._kf_id)
         T_init = self._predict_init(kf.id, frame.stamp)
-        tr = self._track(kf, sources, T_init)
+        tr = self._track(kf, sources, T_init, extra=pred.valid_count if defer else None)
+        if defer:
+            if tr.extra is not None:
+                pred.valid_count = int(tr.extra[0])
+            blank = self._is_blank(frame, pred)
+            if blank:
+                self._tick("track", t0)
+                return self._lost(frame, blank)
         if cfg.tracking.constant_velocity and self._T_kf_last is not None and (
                 not tr.success or tr.inlier_fraction < self._last_inlier_fraction - cfg.tracking.retry_inlier_drop):
             # failed, or suspicious (inliers fell sharply against the previous frame: a wrong
@@ -516,7 +562,8 @@ class SlamSystem:
 
     def _fuse(self, kf: Keyframe, pred: Prediction, T_kf_frame: np.ndarray) -> None:
         kf.fuse(pred.X_chw.reshape(3, -1), pred.C.reshape(-1), T_kf_frame,
-                self.config.keyframes.fusion_max_distance, float(self.config.keyframes.max_fused_frames))
+                self.config.keyframes.fusion_max_distance, float(self.config.keyframes.max_fused_frames),
+                count=False)
 
     def _lost(self, frame: Frame, reason: str, tr: Optional[TrackResult] = None) -> FrameResult:
         if self._lost_since is None:

@@ -20,6 +20,7 @@ from recon_slam.geometry.camera import PinholeCamera
 from recon_slam.frontend.tracking import (
     ReferenceLevel,
     build_pyramid,
+    project_pixels,
     reference_level,
 )
 
@@ -86,8 +87,7 @@ class Keyframe:
                 return cached[1]
             X, C = self.X, self.C
             version = self._version
-        levels = build_pyramid(X, C, self.image, self.camera, key, max_spread_ratio)
-        refs = [reference_level(lv) for lv in levels]
+        refs = reference_levels(X, C, self.image, self.camera, key, max_spread_ratio)
         with self._lock:
             self._pyr_cache = {key: (version, refs)}
         return refs
@@ -101,23 +101,35 @@ class Keyframe:
 
     def fuse(
         self, points: torch.Tensor, conf: torch.Tensor, T_kf_frame: np.ndarray, max_distance: float,
-        max_confidence_ratio: float = 50.0,
-    ) -> int:
+        max_confidence_ratio: float = 50.0, count: bool = True,
+    ) -> Optional[int]:
         """Fuse a frame's points into the pointmap (see :func:`fuse_depth` / :func:`fuse_pointmap`).
 
         Args:
             points: (3, N) frame points in the frame camera (channel-first); conf: (N,)
                 confidences (0 = skip).
             T_kf_frame: (4, 4) pose of the frame in the keyframe.
+            count: return the number of updated pixels (a host read); False returns None
+                and fuses without any host synchronisation (calibrated keyframes).
 
         Returns:
-            number of keyframe pixels updated.
+            number of keyframe pixels updated (None when not ``count``).
         """
-        T = torch.as_tensor(np.asarray(T_kf_frame), dtype=points.dtype, device=points.device)
-        q = torch.addmm(T[:3, 3:4], T[:3, :3], points)
+        from recon_slam.frontend.tracking_device import upload
+
+        T = upload(np.asarray(T_kf_frame, dtype=np.float64).reshape(4, 4), points.device).to(points.dtype)
         X, C = self.snapshot()
+        if self.calibrated and not count:
+            # no host read: on CUDA one graph replay per frame (copies of its outputs are
+            # the new maps); stored channel-first (X is an (H, W, 3) view)
+            X2c, C2 = _fuse_calibrated(X[..., 2], C, points, conf, T, self.camera, max_distance,
+                                       max_confidence_ratio)
+            self.set_pointmap(X2c.permute(1, 2, 0), C2, fused=1)
+            return None
+        q = torch.addmm(T[:3, 3:4], T[:3, :3], points)
         if self.calibrated:
-            Z, C2, n = fuse_depth(X[..., 2], C, q, conf, self.camera, max_distance, max_confidence_ratio)
+            Z, C2, n = fuse_depth(X[..., 2], C, q, conf, self.camera, max_distance, max_confidence_ratio,
+                                  count=count)
             # stored channel-first (X is an (H, W, 3) view), like the predictors' pointmaps
             X2 = (_pixel_rays_chw(self.camera, X.dtype, X.device) * Z).permute(1, 2, 0)
         else:
@@ -135,6 +147,39 @@ class Keyframe:
             for r in refs:
                 total += r.geo.element_size() * r.geo.numel() + r.photo.element_size() * r.photo.numel()
         return total
+
+
+_REF_GRAPHS: dict = {}
+
+
+def reference_levels(X: torch.Tensor, C: torch.Tensor, image: torch.Tensor, camera: PinholeCamera,
+                     factors: Sequence[int], max_spread_ratio: float = 0.05) -> list[ReferenceLevel]:
+    """Tracking reference levels of a keyframe pointmap (no host synchronisation).
+
+    On CUDA the pyramid and the flattened maps are one CUDA graph replay per rebuild
+    (copies of its outputs: the levels are cached by the keyframe).
+
+    Args:
+        X: (H, W, 3) points; C: (H, W) confidence; image: (H, W, 3) uint8; camera: intrinsics;
+            factors: pyramid factors.
+
+    Returns:
+        one :class:`ReferenceLevel` per factor.
+    """
+    if not X.is_cuda:
+        return [reference_level(lv) for lv in build_pyramid(X, C, image, camera, factors, max_spread_ratio)]
+    from recon_slam.frontend.tracking_device import graphed_call
+
+    key = (camera, tuple(C.shape), X.dtype, tuple(int(f) for f in factors), float(max_spread_ratio), str(X.device))
+    meta = _REF_GRAPHS.setdefault("_meta", {})
+
+    def fn(X, C, image):
+        refs = [reference_level(lv) for lv in build_pyramid(X, C, image, camera, factors, max_spread_ratio)]
+        meta[key] = [(r.factor, r.camera) for r in refs]
+        return [(r.geo, r.photo, r.valid_count) for r in refs]
+
+    outs = graphed_call(_REF_GRAPHS, key, fn, [X, C, image], copy_outputs=True)
+    return [ReferenceLevel(f, cam, geo, photo, n) for (f, cam), (geo, photo, n) in zip(meta[key], outs)]
 
 
 class KeyframeMap:
@@ -248,12 +293,50 @@ def _pixel_rays(camera: PinholeCamera, dtype, device) -> torch.Tensor:
     """(H*W, 3) rays (z = 1) of every pixel of ``camera`` (cached)."""
     key = (camera, dtype, str(device))
     rays = _RAYS.get(key)
-    if rays is None:
-        if len(_RAYS) > 16:
-            _RAYS.clear()
+    if rays is None:  # never evicted (a few cameras; captured graphs read these tensors)
         rays = camera.pixel_to_ray(camera.pixel_grid(dtype, device)).reshape(-1, 3)
         _RAYS[key] = rays
     return rays
+
+
+def _camera_consts(camera: PinholeCamera, dtype, device) -> torch.Tensor:
+    """(4, 2, 1): focal lengths, principal point, lowest and highest pixel (cached)."""
+    key = ("consts", camera, dtype, str(device))
+    k = _RAYS.get(key)
+    if k is None:
+        k = _RAYS[key] = torch.tensor(
+            [[[camera.fx], [camera.fy]], [[camera.cx], [camera.cy]], [[0.0], [0.0]],
+             [[camera.width - 1.0], [camera.height - 1.0]]], dtype=dtype, device=device)
+    return k
+
+
+_FUSE_GRAPHS: dict = {}
+
+
+def _fuse_calibrated(Z: torch.Tensor, C: torch.Tensor, points: torch.Tensor, conf: torch.Tensor, T: torch.Tensor,
+                     camera: PinholeCamera, max_distance: float, max_confidence_ratio: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fuse_depth` of frame points at pose ``T`` (4, 4) -> new (3, H, W) points
+    (on the pixel rays) and (H, W) confidence; no host sync (one CUDA graph on CUDA).
+
+    Args:
+        Z: (H, W) keyframe depth; C: (H, W) confidence; points: (3, N) frame points in the
+            frame camera; conf: (N,); T: (4, 4) ``T_kf_frame`` (dtype of the points).
+    """
+    from recon_slam.frontend.tracking_device import graphed_call
+
+    rays = _pixel_rays_chw(camera, Z.dtype, Z.device)
+    if points.is_cuda:
+        _camera_consts(camera, points.dtype, points.device)  # made before any capture
+
+    def fn(Z, C, points, conf, T):
+        q = torch.addmm(T[:3, 3:4], T[:3, :3], points)
+        Z2, C2, _ = fuse_depth(Z, C, q, conf, camera, max_distance, max_confidence_ratio, count=False)
+        return rays * Z2, C2
+
+    key = (camera, tuple(C.shape), tuple(points.shape), points.dtype, float(max_distance),
+           float(max_confidence_ratio), str(C.device))
+    return graphed_call(_FUSE_GRAPHS, key, fn, [Z, C, points, conf, T], copy_outputs=True)
 
 
 def fuse_depth(
@@ -264,7 +347,8 @@ def fuse_depth(
     camera: PinholeCamera,
     max_distance: float,
     max_confidence_ratio: float = 50.0,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    count: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
     """Confidence-weighted depth fusion for calibrated keyframes (points stay on pixel rays).
 
     Each point goes to the keyframe pixel it projects to (nearest pixel). Where the keyframe
@@ -280,18 +364,18 @@ def fuse_depth(
         points_kf: (3, N) points in the keyframe camera; conf: (N,) >= 0 (0 = skip).
         camera: keyframe intrinsics.
 
+        count: also return the number of updated pixels (a host read); else None (no
+            host synchronisation).
+
     Returns:
-        (Z', C', number of updated pixels); the inputs are not modified.
+        (Z', C', number of updated pixels or None); the inputs are not modified.
     """
     H, W = C.shape
-    px, py, pz = points_kf[0], points_kf[1], points_kf[2]
-    iz = pz.clamp_min(1e-6).reciprocal()
-    ui = torch.round((px * iz).mul_(camera.fx).add_(camera.cx))
-    vi = torch.round((py * iz).mul_(camera.fy).add_(camera.cy))
-    uc = ui.clamp(0, W - 1)
-    vc = vi.clamp(0, H - 1)
-    inside = (ui == uc) & (vi == vc) & (pz > 1e-6) & (conf > 0)
-    idx = (vc * W + uc).long()
+    pz = points_kf[2]
+    k = _camera_consts(camera, points_kf.dtype, points_kf.device) if points_kf.is_cuda else None
+    iz = pz.clamp_min(1e-6).reciprocal_()
+    _, _, inside, idx = project_pixels(points_kf, iz, camera, k)
+    inside &= (pz > 1e-6) & (conf > 0)
     Zf = Z.reshape(-1)
     Cf = C.reshape(-1)
     zk = torch.take(Zf, idx)
@@ -316,7 +400,8 @@ def fuse_depth(
     # cap: max_confidence_ratio x the mean incoming confidence (pixels without readings keep C)
     cap = (csum / cnt.clamp_min(1.0)).mul_(max_confidence_ratio).add_((~upd).to(C.dtype) * 1e30)
     Cnew = torch.minimum(Ck + csum, cap)
-    return Znew.reshape(H, W), Cnew.reshape(H, W), int((upd | (cneg > 0)).sum())
+    n = int((upd | (cneg > 0)).sum()) if count else None
+    return Znew.reshape(H, W), Cnew.reshape(H, W), n
 
 
 def fuse_pointmap(

@@ -257,6 +257,20 @@ def ray_match(
     return Matches(uv=uv, idx=idx, valid=valid)
 
 
+def unique_count(idx: torch.Tensor, valid: torch.Tensor, n_pixels: int) -> torch.Tensor:
+    """() long device tensor: target pixels hit by at least one valid match.
+
+    A scatter into a (n_pixels + 1) buffer whose last slot takes the invalid matches: no
+    boolean-mask compaction, so no host synchronisation.
+
+    Args:
+        idx: (N,) flat target pixel indices in ``[0, n_pixels)``; valid: (N,) bool.
+    """
+    hit = torch.zeros(int(n_pixels) + 1, dtype=torch.uint8, device=idx.device)
+    hit.index_fill_(0, torch.where(valid, idx, int(n_pixels)), 1)
+    return hit[:-1].sum()
+
+
 def unique_fraction(idx: torch.Tensor, valid: torch.Tensor, n_pixels: int, n_target_valid: Optional[int] = None) -> float:
     """Fraction of the target's valid pixels hit by at least one valid match.
 
@@ -269,6 +283,4 @@ def unique_fraction(idx: torch.Tensor, valid: torch.Tensor, n_pixels: int, n_tar
     denom = n_pixels if n_target_valid is None else n_target_valid
     if denom <= 0:
         return 0.0
-    hit = torch.zeros(int(n_pixels), dtype=torch.bool, device=idx.device)
-    hit[idx[valid]] = True
-    return float(hit.sum()) / float(denom)
+    return float(unique_count(idx, valid, n_pixels)) / float(denom)

@@ -32,6 +32,11 @@ the frame's camera and up to one unknown scale per pair. Then:
    prediction each; the first whose match fraction reaches ``backend.reloc_min_inlier_fraction``
    and whose Sim(3) solve succeeds gives the pose.
 
+Device step (``mono.device_loop``): on CUDA, matching, validity tests and the Sim(3) solve of
+steps 1-2 run as one fixed-shape step with every decision on the device and one host read per
+frame, replayed as a CUDA graph (:mod:`~recon_slam.frontend.mono_device`); same results as the
+host loops (``'host'``, the default off CUDA).
+
 Memory: keyframes are :class:`CompactKeyframe` objects (float16 points or float32 ray
 distances, float16 confidence, uint8 image, no descriptors); :func:`keyframe_bytes` counts a
 keyframe's bytes including the encoder tokens the predictor caches for it (about 3.6 MiB
@@ -61,6 +66,7 @@ from recon_slam.config import MonoConfig
 from recon_slam.frontend.keyframes import Keyframe, need_new_keyframe
 from recon_slam.frontend.matching import iterative_ray_match
 from recon_slam.frontend.predictors import TwoViewPrediction
+from recon_slam.frontend import mono_device
 from recon_slam.frontend.tracking import (
     TrackResult,
     grad_pixel_depth,
@@ -70,6 +76,7 @@ from recon_slam.frontend.tracking import (
     retract,
     solve_normal_equations,
 )
+from recon_slam.frontend.tracking_device import upload
 from recon_slam.geometry.camera import PinholeCamera
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -144,7 +151,8 @@ def estimate_camera(X: torch.Tensor, C: Optional[torch.Tensor] = None) -> Pinhol
     a, b = X[..., 0] * iz, X[..., 1] * iz
     num = (w * ((u - cx) * a + (v - cy) * b)).sum()
     den = (w * (a * a + b * b)).sum()
-    f = float(num / den) if float(den) > 0 else float(max(W, H))
+    ratio, den_h = (float(t) for t in torch.stack((num / den, den)).cpu())  # one device read
+    f = ratio if den_h > 0 else float(max(W, H))
     if not math.isfinite(f) or f <= 0:
         f = float(max(W, H))
     return PinholeCamera(W, H, f, f, cx, cy)
@@ -168,15 +176,18 @@ def sim3_umeyama(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = N
     my = (y * ws).sum(1, keepdim=True)
     cx, cy = x - mx, y - my
     S = (cy * ws) @ cx.T
-    U, D, Vh = torch.linalg.svd(S)
-    sign = 1.0 if float(torch.linalg.det(U) * torch.linalg.det(Vh)) >= 0 else -1.0
-    F = torch.diag(torch.tensor([1.0, 1.0, sign], dtype=x.dtype))
+    var = (ws * (cx * cx).sum(0)).sum()
+    # the 3x3 part on the host: one device read (any device), numpy SVD
+    host = torch.cat((S.reshape(-1), mx.reshape(-1), my.reshape(-1), var.reshape(1))).cpu().numpy()
+    S_np, mx_np, my_np, var_f = host[:9].reshape(3, 3), host[9:12], host[12:15], float(host[15])
+    U, D, Vh = np.linalg.svd(S_np)
+    sign = 1.0 if np.linalg.det(U) * np.linalg.det(Vh) >= 0 else -1.0
+    F = np.diag([1.0, 1.0, sign])
     R = U @ F @ Vh
-    var = float((ws * (cx * cx).sum(0)).sum())
-    s = float((D * F.diagonal()).sum()) / max(var, 1e-300)
+    s = float((D * F.diagonal()).sum()) / max(var_f, 1e-300)
     T = np.eye(4)
-    T[:3, :3] = s * R.numpy()
-    T[:3, 3] = (my[:, 0] - s * (R @ mx)[:, 0]).numpy()
+    T[:3, :3] = s * R
+    T[:3, 3] = my_np - s * (R @ mx_np)
     return T
 
 
@@ -204,6 +215,8 @@ class PairMatches:
         q: (N,) match weight ``sqrt(Q_1(p) Q_2(j))`` (1 when there are no descriptor confidences).
         valid_fraction: valid matches over N.
         unique_fraction: distinct view-1 cells (``stride x stride``) hit by valid matches, over N.
+        valid_count: number of valid matches when already known on the host (None: counted
+            from ``valid`` when asked, a device read).
     """
 
     src_idx: torch.Tensor
@@ -213,11 +226,14 @@ class PairMatches:
     q: torch.Tensor
     valid_fraction: float
     unique_fraction: float
+    valid_count: Optional[int] = None
 
     @property
     def n_valid(self) -> int:
         """Number of valid matches."""
-        return int(self.valid.sum())
+        if self.valid_count is None:
+            self.valid_count = int(self.valid.sum())
+        return self.valid_count
 
 
 _OFFSETS: dict = {}
@@ -366,7 +382,7 @@ def match_pair(
     s = int(stride or cfg.match_stride)
     cells = torch.div(p[:, 1], s, rounding_mode="floor") * (W // s + 1) + torch.div(p[:, 0], s, rounding_mode="floor")
     n_unique = int(torch.unique(cells[valid]).numel()) if n_valid else 0
-    return PairMatches(src_idx, dst_idx, uv, valid, q, n_valid / max(n, 1), n_unique / max(n, 1))
+    return PairMatches(src_idx, dst_idx, uv, valid, q, n_valid / max(n, 1), n_unique / max(n, 1), n_valid)
 
 
 # ---------------------------------------------------------------------------- Sim(3) solve
@@ -446,13 +462,13 @@ def solve_sim3(
         r = r * (wv > 0)
         e = ((r * r * inv2).sum(0) * wv).sqrt()
         hw = huber_weights(e, k)
-        cost = float(torch.where(e <= k, e * e, 2.0 * k * e - k * k).sum())
+        cost_t = torch.where(e <= k, e * e, 2.0 * k * e - k * k).sum()
         Wt = (wv * hw)[None] * inv2  # (R, N)
         J = jacobian_components(G, q, True).reshape(7, -1)
         Jw = J * Wt.reshape(1, -1)
-        Hm = (Jw @ J.T).double().cpu().numpy()
-        g = (Jw @ r.reshape(-1)).double().cpu().numpy()
-        return cost, Hm, g, hw, wv
+        # one device read per evaluation: cost, H (7x7), g (7)
+        host = torch.cat((cost_t.reshape(1), (Jw @ J.T).reshape(-1), Jw @ r.reshape(-1))).double().cpu().numpy()
+        return float(host[0]), host[1:50].reshape(7, 7).copy(), host[50:57].copy(), hw, wv
 
     cost, Hm, g, hw, wv = evaluate(T)
     if not math.isfinite(cost):
@@ -486,8 +502,8 @@ def solve_sim3(
 # ---------------------------------------------------------------------------- fusion
 def fuse_keyframe(
     X: torch.Tensor, C: torch.Tensor, X_new: torch.Tensor, C_new: torch.Tensor, max_relative_distance: float,
-    rays: Optional[torch.Tensor] = None, max_confidence_ratio: float = 50.0,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rays: Optional[torch.Tensor] = None, max_confidence_ratio: float = 50.0, count: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
     """Confidence-weighted running average of a keyframe's canonical pointmap, per pixel.
 
     ``X <- (C X + c x) / (C + c)``, ``C <- min(C + c, max_confidence_ratio * c)``, for pixels
@@ -501,9 +517,10 @@ def fuse_keyframe(
         X_new: (H, W, 3) the keyframe's pixels as predicted by a new pair, moved into the
             keyframe camera; C_new: (H, W) their confidence (0 = skip).
         rays: optional (H, W, 3) unit rays of the keyframe camera.
+        count: count the updated pixels (a device read); False returns None for it.
 
     Returns:
-        (X', C', number of updated pixels); the inputs are not modified.
+        (X', C', number of updated pixels or None); the inputs are not modified.
     """
     ok = torch.isfinite(X_new).all(-1) & (C_new > 0)
     has = C > 0
@@ -522,7 +539,7 @@ def fuse_keyframe(
         Xo = torch.where(has[..., None], X, torch.zeros_like(X))
         X_out = torch.where(ok[..., None], (Ck[..., None] * Xo + c[..., None] * Xn) / tot[..., None], X)
     C_out = torch.where(ok, torch.minimum(Ck + c, max_confidence_ratio * c), C)
-    return X_out, C_out, int(ok.sum())
+    return X_out, C_out, (int(ok.sum()) if count else None)
 
 
 # ---------------------------------------------------------------------------- compact keyframes
@@ -723,6 +740,9 @@ class MonoFrontend:
         """Forget the per-keyframe match caches and the relocalisation counters."""
         self._uv_cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self._samples: dict[tuple, torch.Tensor] = {}
+        self._uv_default: dict[tuple, torch.Tensor] = {}
+        self._step_graphs: dict = {}  # CUDA graphs of the device step (mono_device.run_step)
+        self._deferred_blank = ""  # why the last frame tracked with a deferred blank test is blank
         self.n_reloc_attempts = 0
         #: would-be new keyframes replaced by an existing keyframe (bounded map)
         self.n_reused = 0
@@ -753,6 +773,27 @@ class MonoFrontend:
             s = self._samples[key] = sample_grid(H, W, self.mono.match_stride, device)
         return s
 
+    def device_loop(self, device) -> str:
+        """The tracking step used on ``device``: 'host', 'device' or 'graph' (``mono.device_loop``)."""
+        mode = str(_mono_option(self.mono, "device_loop", "auto"))
+        if mode == "auto":
+            return "graph" if torch.device(device).type == "cuda" else "host"
+        return mode
+
+    def _default_uv(self, src: torch.Tensor, shape1: tuple, shape2: tuple, dtype) -> torch.Tensor:
+        """(N, 2) identity initialisation of the matcher (as :func:`match_pair`), cached per shape."""
+        key = (tuple(shape1), tuple(shape2), int(src.numel()), dtype, str(src.device), int(self.mono.match_stride))
+        uv = self._uv_default.get(key)
+        if uv is None:
+            (H, W), (H2, W2) = shape1, shape2
+            us = (src % W2).to(dtype)
+            vs = torch.div(src, W2, rounding_mode="floor").to(dtype)
+            uv = torch.stack(((us + 0.5) * (W / W2) - 0.5, (vs + 0.5) * (H / H2) - 0.5), -1)
+            if len(self._uv_default) > 8:
+                self._uv_default.clear()
+            self._uv_default[key] = uv
+        return uv
+
     def _frame_points(self, pred: TwoViewPrediction) -> torch.Tensor:
         """(H, W, 3) frame pointmap of a prediction, snapped onto the camera rays when calibrated."""
         if self.calibrated:
@@ -762,9 +803,13 @@ class MonoFrontend:
     def _blank(self, pred: TwoViewPrediction) -> str:
         if pred.valid_fraction <= 0.01:
             return "no valid points"
-        img = pred.image
-        if self.config.tracking.lost_on_black_image and (img.numel() == 0 or int(img.max()) <= 2):
-            return "black image"
+        if self.config.tracking.lost_on_black_image:
+            img = pred.image
+            if img.numel() == 0:
+                return "black image"
+            m = pred.image_max  # host value when known (the device step reads it with its result)
+            if (int(img.max()) if m is None else m) <= 2:
+                return "black image"
         return ""
 
     def _new_keyframe(self, frame, pred: TwoViewPrediction, T_world_kf: np.ndarray) -> Keyframe:
@@ -788,8 +833,12 @@ class MonoFrontend:
 
     # ------------------------------------------------------------------ tracking
     def track(self, pred: TwoViewPrediction, kf: Keyframe, T_init: Optional[np.ndarray],
-              use_cache: bool = True, min_fraction: Optional[float] = None) -> tuple[TrackResult, PairMatches]:
+              use_cache: bool = True, min_fraction: Optional[float] = None,
+              blank_check: bool = False) -> tuple[TrackResult, PairMatches]:
         """Estimate ``T_kf_frame`` (Sim(3)) of a frame from its pair prediction with ``kf``.
+
+        ``mono.device_loop`` selects the host loops or the device step
+        (:mod:`~recon_slam.frontend.mono_device`, one host read); both give the same result.
 
         Args:
             pred: prediction of the pair (frame, ``kf``).
@@ -798,6 +847,9 @@ class MonoFrontend:
                 distances); None for a closed-form (Umeyama) initialisation.
             use_cache: initialise the matcher from the previous frame's matches to ``kf``.
             min_fraction: valid-match fraction needed (default ``mono.min_valid_fraction``).
+            blank_check: device step only: the blank-frame test (:meth:`_blank`) was deferred
+                to this step's read; a blank frame returns a failure and sets
+                ``_deferred_blank`` to the reason.
 
         Returns:
             (:class:`~recon_slam.frontend.tracking.TrackResult` with a (7, 7) information,
@@ -805,6 +857,9 @@ class MonoFrontend:
         """
         m_cfg = self.mono
         Xk, Ck = kf.snapshot()
+        mode = self.device_loop(Ck.device)
+        if mode != "host":
+            return self._track_device(pred, kf, Xk, Ck, T_init, use_cache, min_fraction, mode == "graph", blank_check)
         Hk, Wk = Ck.shape
         src = self._sample_idx(Hk, Wk, Ck.device)
         uv0 = self._uv_cache.get(kf.id) if use_cache else None
@@ -846,6 +901,79 @@ class MonoFrontend:
                          sol.cost, sol.iterations, sol.reason, inlier_fraction=sol.inlier_fraction * m.valid_fraction)
         return tr, m
 
+    def _track_device(self, pred: TwoViewPrediction, kf: Keyframe, Xk: torch.Tensor, Ck: torch.Tensor,
+                      T_init: Optional[np.ndarray], use_cache: bool, min_fraction: Optional[float], graphed: bool,
+                      blank_check: bool = False) -> tuple[TrackResult, PairMatches]:
+        """:meth:`track` with the device step (:func:`~recon_slam.frontend.mono_device.mono_step`).
+
+        Matching, validity tests, the scale-corrected prior and Umeyama initialisations, both
+        Sim(3) solves and the fallback choice run on the device; one host read gives the pose,
+        information and counts. The retry from the identity initialisation after a stale
+        cached one (valid fraction below the threshold) is a second step.
+        """
+        m_cfg = self.mono
+        dev = Ck.device
+        Hk, Wk = Ck.shape
+        src = self._sample_idx(Hk, Wk, dev)
+        X1 = pred.X_cam
+        shape1, shape2 = tuple(X1.shape[:2]), tuple(pred.X_other.shape[:2])
+        uv0 = self._uv_cache.get(kf.id) if use_cache else None
+        if uv0 is not None and uv0.shape[0] != src.shape[0]:
+            uv0 = None
+        cached = uv0 is not None
+        if uv0 is None:
+            uv0 = self._default_uv(src, shape1, shape2, X1.dtype)
+        if T_init is not None:
+            T0 = np.array(T_init, dtype=np.float64).reshape(4, 4)
+            T_in = np.append(T0.reshape(-1), max(_scale_of(T0), 1e-12))
+        else:
+            T_in = np.append(np.eye(4).reshape(-1), 1.0)
+        feat = pred.D.shape[-1] if (pred.D is not None and pred.D_other is not None) else 0
+        has_q = pred.Q is not None and pred.Q_other is not None
+        extra = None
+        if blank_check and pred.image_max is None and pred.image.numel() > 0:
+            extra = pred.image.max().reshape(1)
+        cam = kf.camera if self.calibrated else None
+        spec = mono_device.StepSpec.build(m_cfg, shape1, shape2, src.numel(), feat, has_q, pred.C_other is not None,
+                                          cam, T_init is not None, dev, n_extra=0 if extra is None else 1)
+        inputs = [X1, pred.C, pred.X_other, Xk, Ck, src, uv0, upload(T_in, dev)]
+        if cam is not None:
+            inputs.append(unit_rays(pred.camera, X1.dtype, dev))
+        if spec.feat:
+            inputs += [pred.D, pred.D_other]
+        if has_q:
+            inputs += [pred.Q, pred.Q_other]
+        if pred.C_other is not None:
+            inputs.append(pred.C_other)
+        if extra is not None:
+            inputs.append(extra)
+        packed, uv, dst, valid, q = mono_device.run_step(spec, inputs, graphed, self._step_graphs)
+        r = mono_device.parse_step(packed.cpu().numpy())  # the one host read of the frame
+        n = max(int(src.numel()), 1)
+        vf, uf = r.n_valid / n, r.n_unique / n
+        m = PairMatches(src, dst, uv, valid, q, vf, uf, r.n_valid)
+        T_fail = np.eye(4) if T_init is None else T_init
+        if blank_check:
+            pred.valid_count = r.n_frame_valid
+            if extra is not None:
+                pred.image_max = int(r.extra[0])
+            blank = self._blank(pred)
+            if blank:
+                self._deferred_blank = blank
+                return TrackResult(T_fail, False, r.n_valid, vf, uf, np.zeros((7, 7)), reason=blank), m
+        need = m_cfg.min_valid_fraction if min_fraction is None else min_fraction
+        if vf < need:
+            if use_cache:  # a stale initialisation can cause a loss: retry from the identity once
+                self._uv_cache.pop(kf.id, None)
+                if cached:
+                    return self._track_device(pred, kf, Xk, Ck, T_init, False, min_fraction, graphed)
+            return TrackResult(T_fail, False, r.n_valid, vf, uf, np.zeros((7, 7)),
+                               reason=f"valid match fraction {vf:.3f} below {need}"), m
+        self._cache_uv(kf.id, uv)
+        tr = TrackResult(r.T, r.success, r.n_valid, vf, uf, r.information, r.cost, r.iterations, r.reason,
+                         inlier_fraction=r.inlier_fraction * vf)
+        return tr, m
+
     # ------------------------------------------------------------------ main entry
     def process(self, frame) -> "FrameResult":
         """Track one frame (monocular); see :meth:`recon_slam.system.SlamSystem.process`."""
@@ -855,7 +983,11 @@ class MonoFrontend:
         t0 = time.perf_counter()
         kf = sysm.keyframe_map.get(sysm._kf_id) if sysm._kf_id is not None else None
         pred = self.predictor.predict(frame, kf)
-        blank = self._blank(pred)
+        # device step: the blank-frame test (valid count, image maximum) is read with the
+        # tracking result, no extra host synchronisation
+        defer = (kf is not None and sysm._lost_since is None and pred.X_other is not None
+                 and self.device_loop(pred.X_cam.device) != "host")
+        blank = "" if defer else self._blank(pred)
         t0 = sysm._tick("predict", t0)
         if kf is None:  # first keyframe
             if blank:
@@ -876,8 +1008,11 @@ class MonoFrontend:
         if sysm._lost_since is not None:
             return self._relocalise(frame, pred)
         T_init = sysm._T_kf_last if sysm._T_kf_last is not None else np.eye(4)
-        tr, m = self.track(pred, kf, T_init)
+        self._deferred_blank = ""
+        tr, m = self.track(pred, kf, T_init, blank_check=defer)
         t0 = sysm._tick("track", t0)
+        if self._deferred_blank:
+            return sysm._lost(frame, self._deferred_blank)
         if not tr.success:
             return sysm._lost(frame, tr.reason, tr)
         res = self._accept(frame, pred, kf, tr, "tracking")
@@ -1038,12 +1173,13 @@ class MonoFrontend:
         X, C = kf.snapshot()
         if pred.X_other.shape != X.shape:
             return
-        T = torch.as_tensor(T_kf_frame, dtype=X.dtype, device=X.device)
+        # non-blocking upload (a pageable copy would wait for the device); no count read back
+        T = upload(np.asarray(T_kf_frame, dtype=np.float64).reshape(4, 4), X.device).to(X.dtype)
         Xn = (pred.X_other.reshape(-1, 3) @ T[:3, :3].T + T[:3, 3]).reshape(X.shape)
         rays = unit_rays(kf.camera, X.dtype, X.device) if self.calibrated else None
         Cn = pred.C_other if pred.C_other is not None else torch.ones_like(C)
         X2, C2, _ = fuse_keyframe(X, C, Xn, Cn, self.mono.fusion_max_distance, rays,
-                                  float(self.config.keyframes.max_fused_frames))
+                                  float(self.config.keyframes.max_fused_frames), count=False)
         kf.set_pointmap(X2, C2, fused=1)
 
     # ------------------------------------------------------------------ relocalisation

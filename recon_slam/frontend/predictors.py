@@ -41,6 +41,10 @@ class Prediction:
         D: optional (H, W, F) float32 descriptors.
         Q: optional (H, W) float32 descriptor confidence.
         index, stamp: copied from the frame.
+        valid_count: optional number of pixels with ``C > 0``: a host int, or a () long
+            device tensor that the engine reads together with the tracking result (no
+            extra host synchronisation); None: computed from ``C`` when asked.
+        image_max: optional host value of ``image.max()`` (the input is on the host).
     """
 
     X_cam: torch.Tensor
@@ -51,6 +55,8 @@ class Prediction:
     Q: Optional[torch.Tensor] = None
     index: int = -1
     stamp: float = 0.0
+    valid_count: Optional[object] = None
+    image_max: Optional[int] = None
 
     @property
     def X_chw(self) -> torch.Tensor:
@@ -68,8 +74,13 @@ class Prediction:
 
     @property
     def valid_fraction(self) -> float:
-        """Fraction of pixels with positive confidence."""
-        return float(self.valid.float().mean())
+        """Fraction of pixels with positive confidence (reads :attr:`valid_count` once)."""
+        vc = self.valid_count
+        if vc is None:
+            return float(self.valid.float().mean())
+        if isinstance(vc, torch.Tensor):
+            vc = self.valid_count = int(vc)
+        return vc / max(self.C.numel(), 1)
 
 
 @dataclass
@@ -284,13 +295,16 @@ def depth_to_prediction(
     z = np.where(valid, z, np.float32(0.0))
     X_chw = torch.from_numpy(pixel_rays_chw(camera) * z).to(torch.device(device))  # (3, H, W)
     dev = X_chw.device
+    image = np.ascontiguousarray(image)
     pred = Prediction(
         X_cam=X_chw.permute(1, 2, 0),  # (H, W, 3) view of the channel-first points
         C=torch.from_numpy(C.astype(np.float32)).to(dev),
         camera=camera,
-        image=torch.from_numpy(np.ascontiguousarray(image)).to(dev),
+        image=torch.from_numpy(image).to(dev),
         index=index,
         stamp=stamp,
+        valid_count=int(np.count_nonzero(C)),
+        image_max=int(image.max()) if image.size else 0,
     )
     pred.__dict__["_X_chw"] = (pred.X_cam, X_chw)
     return pred
@@ -299,45 +313,92 @@ def depth_to_prediction(
 _RAY_TENSORS: dict = {}
 
 
-def _depth_to_prediction_torch(depth, camera: PinholeCamera, image: np.ndarray, config: PredictorConfig,
-                               device: torch.device, index: int, stamp: float) -> Prediction:
-    """:func:`depth_to_prediction` computed on the device (same maps; used on CUDA).
-
-    Only the depth (H, W) float32 and the image (H, W, 3) uint8 are uploaded; validity,
-    discontinuities, the noise-model confidence and the points are computed there. The
-    noise model is the predictor's ``sigma(z) = base + quadratic z^2``.
-    """
-    z = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)).to(device, non_blocking=True)
-    valid = (z >= max(config.min_depth, 1e-9)) & (z <= config.max_depth)
-    z = torch.where(valid, z, torch.zeros_like(z))
-    r = config.discontinuity_ratio
-    disc = torch.zeros_like(valid)
-    jump = valid[:, 1:] & valid[:, :-1] & ((z[:, 1:] - z[:, :-1]).abs() > r * torch.minimum(z[:, 1:], z[:, :-1]))
-    disc[:, 1:] |= jump
-    disc[:, :-1] |= jump
-    jump = valid[1:] & valid[:-1] & ((z[1:] - z[:-1]).abs() > r * torch.minimum(z[1:], z[:-1]))
-    disc[1:] |= jump
-    disc[:-1] |= jump
-    valid &= ~disc
-    sigma = config.depth_sigma_base + config.depth_sigma_quadratic * z * z
-    valid &= sigma > 0
-    sigma_ref = config.depth_sigma_base + config.depth_sigma_quadratic
-    C = torch.where(valid, (sigma_ref / sigma.clamp_min(1e-12)) ** 2, torch.zeros_like(z))
-    z = torch.where(valid, z, torch.zeros_like(z))
+def _ray_tensor(camera: PinholeCamera, device: torch.device) -> torch.Tensor:
+    """(3, H, W) float32 rays (z = 1) of ``camera`` on ``device`` (uploaded once, cached)."""
     key = (camera, str(device))
     rays = _RAY_TENSORS.get(key)
     if rays is None:
         if len(_RAY_TENSORS) > 16:
             _RAY_TENSORS.clear()
         rays = _RAY_TENSORS[key] = torch.from_numpy(pixel_rays_chw(camera)).to(device)
-    X_chw = rays * z[None]
+    return rays
+
+
+def depth_maps_torch(z: torch.Tensor, rays: torch.Tensor, config: PredictorConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pointmap, confidence and valid count of a raw metric depth map, on its device.
+
+    Same maps as :func:`depth_to_prediction` with the predictor's noise model
+    ``sigma(z) = base + quadratic z^2``; no host synchronisation, fixed shapes (~30
+    kernels).
+
+    Args:
+        z: (H, W) float32 depth in metres; 0 / NaN / inf / out of range are invalid.
+        rays: (3, H, W) float32 pixel rays with z = 1.
+        config: predictor settings (depth range, discontinuity ratio, noise model).
+
+    Returns:
+        ``X_chw`` (3, H, W) points (0 where invalid), ``C`` (H, W) confidence (0 invalid),
+        ``n_valid`` () long number of valid pixels.
+    """
+    valid = (z >= max(config.min_depth, 1e-9)) & (z <= config.max_depth)  # NaN compares False
+    # discontinuities: a valid 4-neighbour differs by more than ratio * the smaller depth;
+    # invalid pixels are NaN here, so that no pair with an invalid pixel is a jump
+    zi = torch.where(valid, z, float("nan"))
+    r = config.discontinuity_ratio
+    a, b = zi[:, 1:], zi[:, :-1]
+    jh = (a - b).abs_() > torch.minimum(a, b).mul_(r)
+    a, b = zi[1:], zi[:-1]
+    jv = (a - b).abs_() > torch.minimum(a, b).mul_(r)
+    F = torch.nn.functional
+    disc = F.pad(jh, (1, 0)) | F.pad(jh, (0, 1)) | F.pad(jv, (0, 0, 1, 0)) | F.pad(jv, (0, 0, 0, 1))
+    valid &= ~disc
+    base, quad = config.depth_sigma_base, config.depth_sigma_quadratic
+    zv = torch.where(valid, z, 0.0)
+    sigma = (zv * zv).mul_(quad).add_(base)
+    if not (base > 0 and quad >= 0):  # sigma > 0 is not guaranteed by the model
+        valid &= sigma > 0
+        zv = torch.where(valid, zv, 0.0)
+    sigma_ref = base + quad
+    C = torch.where(valid, sigma.clamp_min_(1e-12).reciprocal_().mul_(sigma_ref).square_(), 0.0)
+    return rays * zv, C, valid.sum()
+
+
+def _depth_to_prediction_torch(depth, camera: PinholeCamera, image: np.ndarray, config: PredictorConfig,
+                               device: torch.device, index: int, stamp: float,
+                               graphs: Optional[dict] = None) -> Prediction:
+    """:func:`depth_to_prediction` computed on the device (same maps; used on CUDA).
+
+    Only the depth (H, W) float32 and the image (H, W, 3) uint8 are uploaded (through
+    pinned buffers, without a host synchronisation); validity, discontinuities, the
+    noise-model confidence and the points are computed there
+    (:func:`depth_maps_torch`). The valid count stays on the device
+    (:attr:`Prediction.valid_count`); the image maximum is taken on the host. With a
+    ``graphs`` cache (the predictor's) the maps are one CUDA graph replay on CUDA.
+    """
+    from recon_slam.frontend.tracking_device import graphed_call, upload
+
+    device = torch.device(device)
+    image = np.ascontiguousarray(image)
+    z = upload(np.asarray(depth, dtype=np.float32), device)
+    rays = _ray_tensor(camera, device)
+    c = config
+    key = (camera, tuple(z.shape), c.min_depth, c.max_depth, c.discontinuity_ratio, c.depth_sigma_base,
+           c.depth_sigma_quadratic, str(device))
+    if graphs is None:
+        X_chw, C, n_valid = depth_maps_torch(z, rays, config)
+    else:  # on CUDA one graph replay (the maps outlive the call: copies of the static outputs)
+        X_chw, C, n_valid = graphed_call(graphs, key, lambda zz: depth_maps_torch(zz, rays, config), [z],
+                                         copy_outputs=True)
     pred = Prediction(
         X_cam=X_chw.permute(1, 2, 0),
         C=C,
         camera=camera,
-        image=torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True),
+        image=upload(image, device),
         index=index,
         stamp=stamp,
+        valid_count=n_valid,
+        image_max=int(image.max()) if image.size else 0,
     )
     pred.__dict__["_X_chw"] = (pred.X_cam, X_chw)
     return pred
@@ -352,6 +413,10 @@ class RgbdPredictor(PointmapPredictor):
 
     metric = True
     two_view = False
+
+    def __init__(self, config: PredictorConfig, device: torch.device | str = "cpu") -> None:
+        super().__init__(config, device)
+        self._graphs: dict = {}  # CUDA graphs of the depth -> pointmap maps
 
     def predict(self, frame: Frame, keyframe=None) -> Prediction:
         """(H, W, 3) pointmap of ``frame.depth`` at processing resolution, see :class:`Prediction`."""
@@ -370,12 +435,19 @@ class RgbdPredictor(PointmapPredictor):
                 f"frame {frame.index}: depth is {depth.shape[1]}x{depth.shape[0]} but the image is "
                 f"{img.shape[1]}x{img.shape[0]}; depth must be registered to the colour image"
             )
+        same_size = (depth.shape[1], depth.shape[0]) == (cam.width, cam.height)
+        if self.device.type == "cuda" and same_size:
+            # the maps are computed on the device, invalid readings included (NaN, inf,
+            # negative and out of range are rejected there exactly as below)
+            return _depth_to_prediction_torch(depth, cam, img, self.config, self.device, frame.index, frame.stamp,
+                                              self._graphs)
         # 0 for NaN, inf, negative and out-of-range readings, in one pass
         depth = np.where((depth > 0) & (depth <= self.config.max_depth), depth, np.float32(0.0))
         z = resize_depth(depth, cam.width, cam.height, self.config.discontinuity_ratio)
         img = resize_image(img, cam.width, cam.height)
         if self.device.type == "cuda":  # the maps are computed on the device
-            return _depth_to_prediction_torch(z, cam, img, self.config, self.device, frame.index, frame.stamp)
+            return _depth_to_prediction_torch(z, cam, img, self.config, self.device, frame.index, frame.stamp,
+                                              self._graphs)
         sigma = self.config.depth_sigma_base + self.config.depth_sigma_quadratic * z * z
         return depth_to_prediction(z, cam, img, sigma, self.config, self.device, frame.index, frame.stamp)
 
