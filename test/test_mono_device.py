@@ -195,7 +195,7 @@ def test_graph_mode_runs_the_eager_step_off_cuda(seq):
     a, ma = fe.track(p, kf, np.eye(4))
     _compare(a, ma, b, mb)
     fe.mono.device_loop = "auto"
-    assert fe.device_loop("cpu") == "host" and fe.device_loop("cuda") == "graph"
+    assert fe.device_loop("cpu") == "host" and fe.device_loop("cuda") == "host"  # graph: measured slower
     system.close()
 
 
