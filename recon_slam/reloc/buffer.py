@@ -307,11 +307,22 @@ class TrainingBuffer:
         wc = max(STRIDE, int(round(self.W * s / STRIDE)) * STRIDE)
         return min(hc, self.H // STRIDE * STRIDE or STRIDE), min(wc, self.W // STRIDE * STRIDE or STRIDE)
 
-    def sample(self, batch_size: int) -> Batch:
-        """Draw one augmented batch of ``batch_size`` images (random frames, one scale)."""
+    def canvas_levels(self) -> list[int]:
+        """One scale level per distinct canvas size (for warming up every input shape)."""
+        seen: dict[tuple[int, int], int] = {}
+        for level, s in enumerate(self.scales):
+            seen.setdefault(self.canvas_size(float(s)), level)
+        return list(seen.values())
+
+    def sample(self, batch_size: int, level: Optional[int] = None) -> Batch:
+        """Draw one augmented batch of ``batch_size`` images (random frames, one scale).
+
+        ``level`` picks the scale (index into ``scales``) instead of a random one.
+        """
         dev, B = self.device, int(batch_size)
         g = self.generator
-        level = int(self._host_rng.integers(len(self.scales)))  # host-side: no device sync
+        if level is None:
+            level = int(self._host_rng.integers(len(self.scales)))  # host-side: no device sync
         s = float(self.scales[level])
         Hc, Wc = self.canvas_size(s)
         idx = torch.randint(0, self.n, (B,), generator=g, device=dev)

@@ -1,17 +1,21 @@
 """DSAC*-style RANSAC over 2D-3D correspondences, batched in torch (CPU or CUDA).
 
-1. Draw minimal sets of 4 correspondences (several times more than needed), solve P3P on
-   the first 3 and keep the root that best explains the 4th; a hypothesis survives only
-   when all 4 points reproject within the inlier threshold. Rounds of draws repeat (up to
-   ``max_rounds``) until ``hypotheses`` sets survive; the first ``hypotheses`` are used.
+1. Draw minimal sets of 4 correspondences (``hypotheses x oversample`` per round, up to
+   ``max_rounds`` rounds), solve P3P on the first 3 and keep the root that best explains
+   the 4th; a set passes only when all 4 points reproject within the inlier threshold.
+   The first ``hypotheses`` passing sets (in drawing order) become the hypotheses. On an
+   accelerator all rounds are drawn and solved as one batch (no host round trip decides
+   whether another round is needed); on the CPU rounds stop as soon as enough sets pass.
+   Both give the same hypotheses for the same random sets.
 2. Score every hypothesis by its soft inlier count over all correspondences,
    ``sum(sigmoid(beta (tau - e)))`` with ``beta = 5 / tau`` and errors clamped at
    ``max_error`` (points behind the camera count as ``max_error``).
 3. Refine the ``refine_top`` best hypotheses with iterative Gauss-Newton PnP on their
-   inliers (:func:`recon_slam.reloc.pnp.refine_pnp`) and return the one with the most
-   inliers.
+   inliers (:func:`recon_slam.reloc.pnp.refine_normalised`) and return the one with the
+   most inliers.
 
-All hypotheses are processed as one batch; only the final result is moved to the host.
+Everything stays on the device; the result (pose and counts) comes back to the host in
+one transfer at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from typing import Optional
 
 import torch
 
-from recon_slam.reloc.pnp import invert_pose, p3p4, refine_pnp, reprojection_errors
+from recon_slam.reloc.pnp import (
+    focal_pair,
+    normalise_pixels,
+    intrinsics,
+    invert_pose,
+    p3p4_normalised,
+    refine_normalised,
+    squared_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -51,11 +63,11 @@ class RansacResult:
     """Outcome of :func:`ransac_pnp`.
 
     Attributes:
-        T_cam_world: (4, 4) float64 tensor, or None when no hypothesis survived.
+        T_cam_world: (4, 4) float64 CPU tensor, or None when no hypothesis survived.
         inliers: correspondences reprojecting within the threshold (0 when failed).
-        inlier_mask: (N,) bool tensor (all False when failed).
+        inlier_mask: (N,) bool tensor on the input's device (all False when failed).
         score: soft inlier count of the chosen hypothesis before refinement.
-        hypotheses: hypotheses that passed the 4-point check.
+        hypotheses: hypotheses that passed the 4-point check (at most ``hypotheses``).
     """
 
     T_cam_world: Optional[torch.Tensor]
@@ -73,65 +85,97 @@ def ransac_pnp(
     config: RansacConfig = RansacConfig(),
     valid: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    early_exit: Optional[bool] = None,
 ) -> RansacResult:
     """Camera pose from noisy 2D-3D correspondences.
 
     Args:
         uv: (N, 2) pixels of the query image (OpenCV convention).
-        X: (N, 3) world points (metres), one per pixel.
-        K: (3, 3) intrinsics of the pixel frame of ``uv``.
+        X: (N, 3) world points (metres), one per pixel (non-finite ones are ignored).
+        K: (3, 3) intrinsics of the pixel frame of ``uv`` (best on the CPU: its four
+            numbers are read on the host).
         threshold: inlier threshold ``tau`` in pixels.
         config: see :class:`RansacConfig`.
         valid: optional (N,) bool, False for correspondences to ignore entirely.
         generator: torch generator on ``uv``'s device for reproducible sampling.
+        early_exit: solve the drawing rounds one by one and stop once ``hypotheses`` sets
+            passed (one host read per round); None: only on the CPU. Either way the
+            result is the same for the same random sets.
 
     Returns:
         :class:`RansacResult` with ``T_cam_world`` (world -> camera, optical frame).
     """
     device = uv.device
     dt = torch.float64
+    fx, fy, cx, cy = intrinsics(K)
+    n = int(uv.shape[0])
+    empty = torch.zeros(n, dtype=torch.bool, device=device)
+    H = int(config.hypotheses)
+    if n < 4 or H < 1:
+        return RansacResult(None, 0, empty, 0.0, 0)
     uv = uv.to(dt)
-    X = X.to(dt)
-    K = K.to(device=device, dtype=dt)
-    n_all = uv.shape[0]
-    if valid is None:
-        valid = torch.isfinite(X).all(-1) & torch.isfinite(uv).all(-1)
-    else:
-        valid = valid & torch.isfinite(X).all(-1) & torch.isfinite(uv).all(-1)
-    idx_valid = torch.nonzero(valid).squeeze(-1)
-    n = int(idx_valid.numel())
-    empty = torch.zeros(n_all, dtype=torch.bool, device=device)
-    if n < 4:
-        return RansacResult(None, 0, empty, 0.0, 0)
-    uv_v, X_v = uv[idx_valid], X[idx_valid]
-    n_draw = config.hypotheses * config.oversample
-    Rs, ts = [], []
-    n_ok = 0
-    for _ in range(config.max_rounds):
-        sets = torch.randint(0, n, (n_draw, 4), device=device, generator=generator)
-        R, t, emax = p3p4(K, uv_v[sets], X_v[sets])
-        ok = emax < threshold
-        Rs.append(R[ok])
-        ts.append(t[ok])
-        n_ok += int(ok.sum())
-        if n_ok >= config.hypotheses:
-            break
-    if n_ok == 0:
-        return RansacResult(None, 0, empty, 0.0, 0)
-    R = torch.cat(Rs)[: config.hypotheses]
-    t = torch.cat(ts)[: config.hypotheses]
-    e = reprojection_errors(K, R, t, X_v, uv_v, max_error=config.max_error_px)  # (M, n)
+    X = X.to(device=device, dtype=dt)
+    ok_pts = torch.isfinite(X).all(-1) & torch.isfinite(uv).all(-1)
+    if valid is not None:
+        ok_pts = ok_pts & valid.to(device)
+    X = torch.where(ok_pts.unsqueeze(-1), X, 0.0)
+    uv = torch.where(ok_pts.unsqueeze(-1), uv, 0.0)
+    xn, rays = normalise_pixels(uv, fx, fy, cx, cy)
+    Xh = torch.cat((X, torch.ones_like(X[:, :1])), -1)
+    f2 = focal_pair(fx, fy, X)
+
+    # 1. minimal sets -> hypotheses (first H passing sets in drawing order)
+    per_round = H * max(int(config.oversample), 1)
+    total = per_round * max(int(config.max_rounds), 1)
+    sets = torch.randint(0, n, (total, 4), device=device, generator=generator)
+    on_host = device.type == "cpu" if early_exit is None else bool(early_exit)
+    chunk = per_round if on_host else total
+    Rs, ts, oks = [], [], []
+    n_pass = 0
+    for s0 in range(0, total, chunk):
+        s = sets[s0 : s0 + chunk]
+        R_c, t_c, emax = p3p4_normalised(rays[s], X[s], xn[s], f2)
+        ok_c = (emax < threshold) & ok_pts[s].all(-1)
+        Rs.append(R_c)
+        ts.append(t_c)
+        oks.append(ok_c)
+        if on_host:
+            n_pass += int(ok_c.sum())  # a host read: free on the CPU
+            if n_pass >= H:
+                break
+    R = Rs[0] if len(Rs) == 1 else torch.cat(Rs)
+    t = ts[0] if len(ts) == 1 else torch.cat(ts)
+    ok = oks[0] if len(oks) == 1 else torch.cat(oks)
+    m = int(ok.shape[0])
+    order = torch.arange(m, device=device)
+    sel = torch.topk(torch.where(ok, order, order + m), min(H, m), largest=False).indices
+    hyp_ok = ok[sel]
+    T = torch.cat((R[sel], t[sel].unsqueeze(-1)), -1)  # (H, 3, 4)
+
+    # 2. soft inlier scores
+    max_e = float(config.max_error_px)
+    e2 = squared_errors(Xh @ T.transpose(-1, -2), xn, f2)  # (H, n)
+    e = torch.where(ok_pts, e2.clamp_max(max_e * max_e).sqrt(), max_e)
     beta = 5.0 / threshold
     score = torch.sigmoid(beta * (threshold - e)).sum(-1)
-    top = torch.topk(score, min(config.refine_top, score.numel())).indices
-    Rr, tr, inl = refine_pnp(K, R[top], t[top], X_v, uv_v, threshold, iterations=config.refine_iterations)
-    best = int(torch.argmax(inl))
-    T = torch.eye(4, dtype=dt, device=device)
-    T[:3, :3], T[:3, 3] = Rr[best], tr[best]
-    e_best = reprojection_errors(K, Rr[best], tr[best], X_v, uv_v, max_error=config.max_error_px)
-    mask = empty.clone()
-    mask[idx_valid] = e_best < threshold
-    return RansacResult(T, int(mask.sum()), mask, float(score[top[best]]), int(R.shape[0]))
+    score = torch.where(hyp_ok, score, float("-inf"))
+
+    # 3. refine the best few, keep the one with the most inliers
+    top = torch.topk(score, min(int(config.refine_top), int(score.shape[0]))).indices
+    Tr, e2r = refine_normalised(T[top], Xh, xn, f2, threshold, int(config.refine_iterations), ok_pts.to(dt))
+    inl_mask = (e2r < float(threshold) ** 2) & ok_pts  # (k, n)
+    inl = torch.where(hyp_ok[top], inl_mask.sum(-1), -1)
+    best = torch.argmax(inl).view(1)  # (1,): indexing with a 0-d tensor would read it on the host
+    mask = inl_mask[best][0]
+    top_best = top[best]
+    stats = torch.cat((mask.sum().to(dt).view(1), score[top_best], ok.sum().to(dt).view(1), hyp_ok[top_best].to(dt)))
+    host = torch.cat((Tr[best].reshape(12), stats)).cpu()  # the one device -> host transfer
+    vals = host.tolist()
+    if vals[15] < 0.5:
+        return RansacResult(None, 0, empty, 0.0, 0)
+    T_out = torch.eye(4, dtype=dt)
+    T_out[:3] = host[:12].view(3, 4)
+    return RansacResult(T_out, int(vals[12]), mask, float(vals[13]), min(int(vals[14]), H))
 
 
 def pose_world_cam(result: RansacResult) -> Optional[torch.Tensor]:

@@ -25,12 +25,15 @@ import torch
 from recon_slam.errors import InputError
 from recon_slam.geometry.camera import PinholeCamera
 from recon_slam.models.ace.checkpoint import pack_weights, state_dict_bytes, unpack_weights
-from recon_slam.models.ace.encoder import normalise_image
+from recon_slam.models.ace.encoder import IMAGE_MEAN, IMAGE_STD, normalise_image
 from recon_slam.models.ace.head import SceneCoordinateNet, build_net
 from recon_slam.reloc.buffer import _to_rgb, processing_size
 from recon_slam.reloc.pnp import invert_pose
 from recon_slam.reloc.ransac import RansacConfig, ransac_pnp
 from recon_slam.reloc.trainer import RelocConfig
+
+#: ITU-R BT.601 grey weights of :func:`recon_slam.models.ace.encoder.normalise_image`.
+_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 #: Format tag and version of :meth:`Relocaliser.state_dict`.
 STATE_FORMAT = "recon_slam.ace_relocaliser"
@@ -80,6 +83,7 @@ class Relocaliser:
         for p in self.net.parameters():
             p.requires_grad_(False)
         self._undistort_cache: dict[PinholeCamera, tuple] = {}
+        self._grid_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ inference
     def _prepare(self, image: np.ndarray, camera: PinholeCamera) -> tuple[np.ndarray, PinholeCamera]:
@@ -103,6 +107,13 @@ class Relocaliser:
             camera = camera.scaled(w, h)
         return image, camera
 
+    def _pixel_grid(self, h: int, w: int) -> torch.Tensor:
+        """(h * w, 2) input pixel of every output cell, cached per feature size (on the device)."""
+        key = (h, w)
+        if key not in self._grid_cache:
+            self._grid_cache[key] = self.net.pixel_grid(h, w, device=self.device).reshape(-1, 2)
+        return self._grid_cache[key]
+
     @torch.no_grad()
     def predict(self, image: np.ndarray, camera: PinholeCamera) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scene coordinates of a query image.
@@ -113,19 +124,27 @@ class Relocaliser:
 
         Returns:
             uv (N, 2) pixels and X (N, 3) world points (float32, on the device), and K
-            (3, 3) float64 intrinsics of the processed image the pixels refer to.
+            (3, 3) float64 CPU tensor: intrinsics of the processed image the pixels refer to.
+
+        Nothing is read back from the device; a grey network gets its (h, w) grey image
+        computed on the host (same weights as :func:`normalise_image`), so one upload
+        and no other host-to-device copy happens.
         """
         img, cam = self._prepare(image, camera)
-        x = torch.from_numpy(img).to(self.device).permute(2, 0, 1).unsqueeze(0)
-        x = normalise_image(x, self.config.in_channels)
-        use_amp = self.device.type == "cuda" and self.config.mixed_precision
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=use_amp):
-            pred = self.net(x)[0]
+        if self.config.in_channels == 1:
+            grey = (img.astype(np.float32) * (_GREY_WEIGHTS / 255.0)).sum(-1, dtype=np.float32)
+            x = torch.from_numpy(grey).to(self.device)[None, None]
+            x = (x - IMAGE_MEAN) / IMAGE_STD
+        else:
+            x = torch.from_numpy(img).to(self.device).permute(2, 0, 1).unsqueeze(0)
+            x = normalise_image(x, self.config.in_channels)
+        # float32 on every device: no per-layer weight casts (launches) and no fp16 range
+        # risk for a network trained under bf16; cuDNN may still use TF32 for the convolutions.
+        pred = self.net(x)[0]
         h, w = pred.shape[1:]
         X = pred.permute(1, 2, 0).reshape(-1, 3).float()
-        uv = self.net.pixel_grid(h, w, device=self.device).reshape(-1, 2)
-        inside = (uv[:, 0] <= cam.width - 1) & (uv[:, 1] <= cam.height - 1)
-        return uv[inside], X[inside], torch.tensor(cam.K, dtype=torch.float64, device=self.device)
+        # every cell centre (8 j, 8 i) lies inside the image: 8 (ceil(W / 8) - 1) <= W - 1
+        return self._pixel_grid(h, w), X, torch.tensor(cam.K, dtype=torch.float64)
 
     @torch.no_grad()
     def localize(self, image: np.ndarray, camera: PinholeCamera, seed: Optional[int] = None) -> RelocResult:
@@ -150,7 +169,7 @@ class Relocaliser:
         res = ransac_pnp(uv, X, K, cfg.threshold, rc, generator=gen)
         n = int(uv.shape[0])
         conf = res.inliers / max(n, 1)
-        cand = None if res.T_cam_world is None else invert_pose(res.T_cam_world).cpu().numpy()
+        cand = None if res.T_cam_world is None else invert_pose(res.T_cam_world).numpy()
         if cand is None:
             reason = "no pose hypothesis passed the 4-point check"
         elif res.inliers < cfg.min_inliers:
@@ -230,4 +249,5 @@ class Relocaliser:
         """Move to another device (in place); returns self."""
         self.device = torch.device(device)
         self.net.to(self.device)
+        self._grid_cache.clear()
         return self

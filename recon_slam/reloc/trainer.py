@@ -16,8 +16,11 @@ the head) is trained per map, supervised by
 
 Optimiser AdamW with a one-cycle schedule (warm-up to ``lr_max``, cosine decay), over
 ``iterations`` steps or until ``max_seconds`` (whichever ends first; the schedule follows
-the larger of the two progress fractions so a time budget still anneals). On CUDA the
-forward pass runs under fp16 autocast with a GradScaler.
+the larger of the two progress fractions so a time budget still anneals). With a time
+budget, every canvas size of the batches gets one untimed forward/backward pass first,
+so that one-off set-up costs do not eat the warm-up (see :func:`_warm_up`). On CUDA the
+forward pass runs under ``amp_dtype`` autocast (bf16 by default, no loss scaling; fp16
+with a GradScaler), cuDNN autotuning off; the network's output layer stays float32.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class RelocConfig:
         encoder_widths: encoder channel widths (conv1, conv2, conv3, conv4/res1, res2);
             ACE's are (32, 64, 128, 256, 512).
         head_width, head_blocks: head hidden width and extra residual blocks.
-        in_channels: 1 grey (ACE) or 3 RGB input.
+        in_channels: 3 RGB input (default: colour disambiguates surfaces that look alike
+            in grey, at no cost) or 1 grey (ACE's input, needed for an official encoder).
         homogeneous: ACE's homogeneous output (softplus division).
         weights_dtype: "float16" (map file half as large) or "float32".
 
@@ -67,7 +71,10 @@ class RelocConfig:
         reprojection_weight: weight of the (focal-normalised) reprojection loss.
         reprojection_all_from: training fraction after which every cell also gets the
             reprojection loss (1 = never).
-        mixed_precision: fp16 autocast + loss scaling on CUDA.
+        mixed_precision: autocast of the training on CUDA (the CPU trains in float32).
+        amp_dtype: its dtype, "bfloat16" (default: no loss scaling, so no host read per
+            step, and no overflow) or "float16" (with a GradScaler). The output layer runs
+            in float32 either way; inference (``localize``) runs in float32.
         seed: seed of the initialisation and sampling.
 
     Relocalisation:
@@ -80,7 +87,7 @@ class RelocConfig:
     encoder_widths: tuple[int, int, int, int, int] = (16, 32, 64, 128, 256)
     head_width: int = 256
     head_blocks: int = 1
-    in_channels: int = 1
+    in_channels: int = 3
     homogeneous: bool = True
     weights_dtype: str = "float16"
 
@@ -104,6 +111,7 @@ class RelocConfig:
     reprojection_weight: float = 1.0
     reprojection_all_from: float = 1.0
     mixed_precision: bool = True
+    amp_dtype: str = "bfloat16"
     seed: int = 0
 
     hypotheses: int = 64
@@ -122,6 +130,8 @@ class RelocConfig:
             raise InputError(f"weights_dtype must be 'float16' or 'float32', got {self.weights_dtype!r}")
         if not 32 <= int(self.short_side) <= 2048:
             raise InputError(f"short_side must be 32..2048 pixels, got {self.short_side}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise InputError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
         if self.iterations < 1 or self.batch_images < 1:
             raise InputError("iterations and batch_images must be at least 1")
 
@@ -236,6 +246,14 @@ def scene_coordinate_loss(
     return loss, {"l3d": l3.detach() / n_cells, "lrep": lrep.detach() / n_cells, "cells": n_cells}
 
 
+def autocast_dtype(cfg: RelocConfig, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype of training on ``device`` (None: float32): ``cfg.amp_dtype`` on CUDA
+    when ``cfg.mixed_precision``; float32 on the CPU."""
+    if not cfg.mixed_precision or torch.device(device).type != "cuda":
+        return None
+    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+
+
 def _resolve_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -289,52 +307,60 @@ def train_relocaliser(
         torch.manual_seed(cfg.seed)
         net = build_net(cfg.encoder_widths, cfg.head_width, cfg.head_blocks, cfg.in_channels, cfg.homogeneous, mean)
     net = net.to(dev).train()
-    use_amp = bool(cfg.mixed_precision and dev.type == "cuda")
+    amp_dtype = autocast_dtype(cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr_max / cfg.lr_start_div, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr_max / cfg.lr_start_div, weight_decay=cfg.weight_decay,
+                            fused=dev.type == "cuda")
     stats = TrainStats(frames=n_real, virtual_frames=len(frames) - n_real, device=str(dev))
     losses: list[torch.Tensor] = []
     cells = 0.0
-    t_train = time.perf_counter()
     step = 0
-    t = 0.0
-    while step < cfg.iterations:
-        elapsed = time.perf_counter() - t_train
-        t = step / cfg.iterations
+    lr = 0.0
+    try:
+        # Batches come in several canvas sizes (scale augmentation): cuDNN autotuning would
+        # benchmark every new size inside the timed loop; its heuristics are enough here.
+        torch.backends.cudnn.benchmark = False
         if cfg.max_seconds:
-            t = max(t, elapsed / cfg.max_seconds)
-        if t >= 1.0:
-            break
-        lr = cfg.lr_max * _lr_factor(t, cfg)
-        for gparam in opt.param_groups:
-            gparam["lr"] = lr
-        batch = buf.sample(cfg.batch_images)
-        x = batch.images
+            _warm_up(net, buf, cfg, dev, amp_dtype)
+        t_train = time.perf_counter()
+        while step < cfg.iterations:
+            t = step / cfg.iterations
+            if cfg.max_seconds:
+                t = max(t, (time.perf_counter() - t_train) / cfg.max_seconds)
+            if t >= 1.0:
+                break
+            lr = cfg.lr_max * _lr_factor(t, cfg)
+            for gparam in opt.param_groups:
+                gparam["lr"] = lr
+            batch = buf.sample(cfg.batch_images)
+            x = batch.images
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                pred = net(x)
+            loss, info = scene_coordinate_loss(pred, batch, t, cfg)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            losses.append(loss.detach())
+            cells = cells + info["cells"]
+            if step % log_every == 0 or step == cfg.iterations:
+                recent = torch.stack(losses[-log_every:]).mean()
+                rec = {"step": step, "steps": cfg.iterations, "loss": float(recent), "lr": lr,
+                       "l3d": float(info["l3d"]), "lrep": float(info["lrep"]), "seconds": time.perf_counter() - t0}
+                stats.history.append([step, rec["loss"], lr])
+                if progress is not None:
+                    progress(rec)
         if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-            pred = net(x)
-        loss, info = scene_coordinate_loss(pred, batch, t, cfg)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        losses.append(loss.detach())
-        cells = cells + info["cells"]
-        if step % log_every == 0 or step == cfg.iterations:
-            recent = torch.stack(losses[-log_every:]).mean()
-            rec = {"step": step, "steps": cfg.iterations, "loss": float(recent), "lr": lr,
-                   "l3d": float(info["l3d"]), "lrep": float(info["lrep"]), "seconds": time.perf_counter() - t0}
-            stats.history.append([step, rec["loss"], lr])
-            if progress is not None:
-                progress(rec)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    stats.train_seconds = time.perf_counter() - t_train
+            torch.cuda.synchronize(dev)
+        stats.train_seconds = time.perf_counter() - t_train
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     stats.iterations = step
     stats.cells_per_step = float(cells) / max(step, 1)
     tail = losses[-max(1, len(losses) // 10):]
@@ -343,26 +369,48 @@ def train_relocaliser(
     reloc = Relocaliser(net, cfg, device=dev)
     stats.seconds = time.perf_counter() - t0
     if buf.has_depth:
-        stats.median_3d_error_m = _training_error(net, buf, dev, use_amp, n_real)
+        stats.median_3d_error_m = _training_error(net, buf, dev, n_real)
     if progress is not None:
         progress({"step": step, "steps": cfg.iterations, "loss": stats.loss, "lr": 0.0, "seconds": stats.seconds,
                   "done": True})
     return reloc, stats
 
 
+def _warm_up(net: SceneCoordinateNet, buf: TrainingBuffer, cfg: RelocConfig, dev: torch.device,
+             amp_dtype: Optional[torch.dtype]) -> None:
+    """One forward and backward pass per canvas size, before the clock of a time budget starts.
+
+    The first pass of every input shape pays one-off costs (kernel loading, cuDNN / oneDNN
+    set-up, memory pool growth); inside the timed loop they would use up the budget of
+    the warm-up phase of the schedule (a CUDA run once spent 23 of its 40 s on its first
+    100 steps and reached the peak learning rate after 18 steps). Gradients are discarded.
+    """
+    for level in buf.canvas_levels():
+        batch = buf.sample(cfg.batch_images, level=level)
+        x = batch.images
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            pred = net(x)
+        scene_coordinate_loss(pred, batch, 0.0, cfg)[0].backward()
+    net.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 @torch.no_grad()
-def _training_error(
-    net: SceneCoordinateNet, buf: TrainingBuffer, dev, use_amp: bool, n_frames: int, max_frames: int = 32
-) -> float:
-    """Median 3D error (metres) of the network on the first ``n_frames`` (real) mapping frames."""
+def _training_error(net: SceneCoordinateNet, buf: TrainingBuffer, dev, n_frames: int, max_frames: int = 32) -> float:
+    """Median 3D error (metres) of the network on the first ``n_frames`` (real) mapping frames.
+
+    Evaluated in float32, as :meth:`recon_slam.reloc.relocaliser.Relocaliser.predict` does.
+    """
     from recon_slam.models.ace.encoder import normalise_image
 
     idx = np.linspace(0, n_frames - 1, min(n_frames, max_frames)).round().astype(int)
     errs = []
     for i in idx:
         x = normalise_image(buf.images[i : i + 1], buf.in_channels)
-        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-            pred = net(x)[0].permute(1, 2, 0).float()
+        pred = net(x)[0].permute(1, 2, 0).float()
         h, w = pred.shape[:2]
         uv = net.pixel_grid(h, w, device=dev).unsqueeze(0)
         ii = torch.tensor([int(i)], device=dev)

@@ -42,7 +42,7 @@ class Head(nn.Module):
             ``xyz`` directly (``fc3`` still has 4 outputs, the 4th is ignored).
 
     Input ``(B, in_channels, h, w)`` features; output ``(B, 3, h, w)`` world coordinates
-    in metres (float32 even under autocast).
+    in metres (float32 even under autocast: ``fc3`` and the division run in float32).
     """
 
     def __init__(self, in_channels: int = 512, width: int = 512, num_blocks: int = 1, homogeneous: bool = True):
@@ -93,7 +93,10 @@ class Head(nn.Module):
             r = r + x
         x = F.relu(self.fc1(r))
         x = F.relu(self.fc2(x))
-        x = self.fc3(x).float()
+        # The output layer runs in float32 even under autocast: in half precision its
+        # outputs (metres, a few units) would be rounded to steps of 2-4 mm (fp16) or 1.5-3 cm (bf16).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.conv2d(x.float(), self.fc3.weight.float(), self.fc3.bias.float())
         xyz = x[:, :3]
         if self.homogeneous:
             h = F.softplus(x[:, 3:4], beta=_SOFTPLUS_BETA) + MIN_INV_SCALE
