@@ -6,6 +6,10 @@ mapping frames, predicts a world point for every stride-8 cell, runs
 agree with it (``min_inliers`` and ``min_inlier_ratio`` of :class:`RelocConfig`); a
 rejected query returns ``ok=False`` and ``T_world_cam=None`` ("not localised").
 
+On a GPU a query costs one upload (the resized image) and one download (pose and counts
+of :func:`ransac_pnp`, which draws, solves, scores and refines every hypothesis as one
+fixed sequence of kernels): nothing in between waits for the device.
+
 Maps: :meth:`Relocaliser.state_dict` is a plain dict (format tag, settings, weights as
 fp16/fp32 CPU tensors) that ``torch.save`` / ``torch.load(weights_only=True)`` handle;
 :meth:`Relocaliser.from_state_dict` rebuilds it. :meth:`save` / :meth:`load` do both
