@@ -34,7 +34,6 @@ Warm-up frames (graph capture, allocator) run first. Results: ``benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mast3r_speed import TINY_ARGS, build_net  # noqa: E402
+from bench_mast3r_speed import TINY_ARGS, build_net, time_call  # noqa: E402
 from common import write_results  # noqa: E402
 
 from recon_slam.config import load_config  # noqa: E402
@@ -151,20 +150,6 @@ def _stats(ms: list[float]) -> dict:
             "p90": round(float(np.percentile(a, 90)), 3), "max": round(float(a.max()), 3)}
 
 
-def _time(fn, device: torch.device, iters: int = 30) -> float:
-    """Median ms of ``fn`` after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(out), 3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -207,8 +192,8 @@ def main() -> None:
     tok2 = net_pred._run_encoder(prepare_input(frames[1].image, cfg.mono.long_side, device)[0])
     hw = tuple(x.shape[-2:])
     network_alone = {
-        "encoder_ms": _time(lambda: net_pred._run_encoder(x), device),
-        "decoder_pair_ms": _time(lambda: net_pred._run_decoder(tok, tok2, hw), device),
+        "encoder_ms": time_call(lambda: net_pred._run_encoder(x), device, 30, 3)["median_ms"],
+        "decoder_pair_ms": time_call(lambda: net_pred._run_decoder(tok, tok2, hw), device, 30, 3)["median_ms"],
     }
     print(f"network alone: {network_alone}", flush=True)
 
