@@ -53,6 +53,9 @@ setup(
             'ros-jazzy-nav-msgs; platform_machine == "x86_64"',
             'ros-jazzy-visualization-msgs; platform_machine == "x86_64"',
             'ros-jazzy-diagnostic-msgs; platform_machine == "x86_64"',
+            # Triton: the GPU kernels' tests run them on the CPU in its interpreter (CUDA builds
+            # of torch already ship it; there the kernels run compiled).
+            'triton>=3.2; platform_system == "Linux" and platform_machine == "x86_64"',
         ],
     },
     entry_points={

@@ -227,8 +227,11 @@ class MonoConfig:
     pipeline: bool = True
     #: keyframe pixels matched per frame: every match_stride-th pixel along each axis.
     match_stride: int = 2
-    #: iterative projective matching: Levenberg-Marquardt iterations per point.
-    match_iterations: int = 10
+    #: iterative projective matching: Levenberg-Marquardt iterations per point (warm-started
+    #: from the previous frame's matches; 5 and 10 gave the same ATE on the synthetic loop,
+    #: benchmarks/results/mono_engine_cuda_fewer_iterations.json, and 5 saves 3 ms per frame on
+    #: a GPU).
+    match_iterations: int = 5
     #: a match is rejected (occlusion) when its two points are further apart than this fraction
     #: of their distance to the camera.
     match_max_distance: float = 0.1
@@ -260,12 +263,13 @@ class MonoConfig:
     #: host read per Gauss-Newton iteration), 'device' (fixed shapes and iteration counts,
     #: every decision on the device, one host read per frame; runs on any device), 'graph'
     #: (the device step replayed as one CUDA graph per input shape; eager device step off
-    #: CUDA), 'auto' (= host: on an H200 at 512x384 the host step took 36 ms per frame and
-    #: the graph 47 ms, benchmarks/results/mono_speed_cuda.json).
+    #: CUDA), 'auto' (= graph on CUDA, host elsewhere: on an H200 at 512x384 the engine took
+    #: 9.6 ms per frame with the graph and 29 ms with the host step,
+    #: benchmarks/results/mono_engine_cuda.json).
     device_loop: str = "auto"
     #: device step: Sim(3) Levenberg-Marquardt iterations (fixed; a solve that meets the host
     #: loop's stopping test earlier keeps its pose, so this only caps max_iterations).
-    device_iterations: int = 8
+    device_iterations: int = 5
     #: device step: dtype of the descriptors gathered by the refinement: 'auto' (float16 on
     #: CUDA, float32 elsewhere), 'float32', 'float16', 'bfloat16'.
     device_descriptor_dtype: str = "auto"

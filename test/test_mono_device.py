@@ -93,11 +93,13 @@ def test_solve_sim3_chains_matches_host_solve(calibrated):
     c = _cfg().mono
     T0 = np.eye(4)
     T0[:3, :3] *= 1.3
+    # float64: both solves then agree to rounding (float32 sums in another order differ by ~1e-6)
+    x, y, w = x.double(), y.double(), w.double()
     ref = mono.solve_sim3(x, y, w, T0, c, camera=cam)
     sig = (c.sigma_pixel, c.sigma_pixel, c.sigma_depth) if calibrated else (c.sigma_ray,) * 3 + (c.sigma_dist,)
     out = md.solve_sim3_chains(x, y, w, torch.from_numpy(T0)[None], sig, c.huber_k, c.max_iterations, c.tolerance, cam)
     assert ref.success and bool(out["success"][0])
-    np.testing.assert_allclose(out["T"][0].numpy(), ref.T, atol=1e-6)
+    np.testing.assert_allclose(out["T"][0].numpy(), ref.T, atol=1e-9)
     assert int(out["iterations"][0]) == ref.iterations and int(out["n"][0]) == ref.n_valid
     assert abs(float(out["inlier"][0]) - ref.inlier_fraction) < 1e-3
     np.testing.assert_allclose(float(out["cost"][0]), ref.cost, rtol=1e-4)
@@ -195,7 +197,7 @@ def test_graph_mode_runs_the_eager_step_off_cuda(seq):
     a, ma = fe.track(p, kf, np.eye(4))
     _compare(a, ma, b, mb)
     fe.mono.device_loop = "auto"
-    assert fe.device_loop("cpu") == "host" and fe.device_loop("cuda") == "host"  # graph: measured slower
+    assert fe.device_loop("cpu") == "host" and fe.device_loop("cuda") == "graph"  # measured faster on CUDA
     system.close()
 
 
@@ -270,7 +272,7 @@ def test_device_loop_config_is_validated():
     with pytest.raises(ConfigError, match="mono.device_descriptor_dtype"):
         load_config(None, {"mono.device_descriptor_dtype": "int8"})
     c = load_config(None, {}).mono
-    assert c.device_loop == "auto" and c.device_iterations == 8 and c.device_descriptor_dtype == "auto"
+    assert c.device_loop == "auto" and c.device_iterations == 5 and c.device_descriptor_dtype == "auto"
     assert md.descriptor_dtype("auto", "cpu") == torch.float32 and md.descriptor_dtype("auto", "cuda") == torch.float16
 
 

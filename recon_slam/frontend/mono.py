@@ -66,7 +66,7 @@ from recon_slam.config import MonoConfig
 from recon_slam.frontend.keyframes import Keyframe, need_new_keyframe
 from recon_slam.frontend.matching import iterative_ray_match
 from recon_slam.frontend.predictors import TwoViewPrediction
-from recon_slam.frontend import mono_device
+from recon_slam.frontend import fused_ops, mono_device
 from recon_slam.frontend.tracking import (
     TrackResult,
     grad_pixel_depth,
@@ -273,6 +273,9 @@ def refine_by_descriptors(
         (N, 2) long refined pixels.
     """
     H, W, F = D_dst.shape
+    if D_dst.is_cuda and fused_ops.triton_available():  # one kernel, no compaction (no host sync)
+        act = torch.ones(p.shape[0], dtype=torch.bool, device=p.device) if active is None else active
+        return fused_ops.refine_descriptors(D_dst, d_src, p, act, radius, dilations)
     flat = D_dst.reshape(H * W, F)
     off = _window(radius, p.device)
     off_flat = off[:, 1] * W + off[:, 0]  # (K,)
@@ -467,8 +470,10 @@ def solve_sim3(
         J = jacobian_components(G, q, True).reshape(7, -1)
         Jw = J * Wt.reshape(1, -1)
         # one device read per evaluation: cost, H (7x7), g (7)
-        host = torch.cat((cost_t.reshape(1), (Jw @ J.T).reshape(-1), Jw @ r.reshape(-1))).double().cpu().numpy()
-        return float(host[0]), host[1:50].reshape(7, 7).copy(), host[50:57].copy(), hw, wv
+        Mt = fused_ops.gram_splitk(Jw[None], torch.cat((J, r.reshape(1, -1)))[None])[0]  # (7, 8) [H | g]
+        host = torch.cat((cost_t.reshape(1), Mt.reshape(-1))).double().cpu().numpy()
+        Mh = host[1:57].reshape(7, 8)
+        return float(host[0]), Mh[:, :7].copy(), Mh[:, 7].copy(), hw, wv
 
     cost, Hm, g, hw, wv = evaluate(T)
     if not math.isfinite(cost):
@@ -776,8 +781,8 @@ class MonoFrontend:
     def device_loop(self, device) -> str:
         """The tracking step used on ``device``: 'host', 'device' or 'graph' (``mono.device_loop``)."""
         mode = str(_mono_option(self.mono, "device_loop", "auto"))
-        if mode == "auto":  # measured on an H200 (bench_mono_speed.py): host 36 ms, graph 47 ms
-            return "host"
+        if mode == "auto":  # H200, 512x384 (bench_mono_engine.py): graph 9.6 ms, host 29 ms per frame
+            return "graph" if torch.device(device).type == "cuda" else "host"
         return mode
 
     def _default_uv(self, src: torch.Tensor, shape1: tuple, shape2: tuple, dtype) -> torch.Tensor:

@@ -48,6 +48,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from recon_slam.frontend import fused_ops
 from recon_slam.frontend.tracking import huber_weights
 from recon_slam.geometry.camera import PinholeCamera
 
@@ -350,7 +351,8 @@ def refine_descriptors_fixed(D_dst: torch.Tensor, d_src: torch.Tensor, p: torch.
     """:func:`~recon_slam.frontend.mono.refine_by_descriptors` of every point, no compaction.
 
     All N points are refined (coarse-to-fine dilated windows, best descriptor dot product,
-    window shifted inside the image near the border); inactive points keep ``p``.
+    window shifted inside the image near the border); inactive points keep ``p``. On CUDA
+    one Triton kernel does the whole search (:func:`~recon_slam.frontend.fused_ops.refine_descriptors`).
 
     Args:
         D_dst: (H, W, F) frame descriptors; d_src: (N, F) keyframe descriptors of the points;
@@ -360,22 +362,7 @@ def refine_descriptors_fixed(D_dst: torch.Tensor, d_src: torch.Tensor, p: torch.
     Returns:
         (N, 2) long refined pixels.
     """
-    H, W, F = D_dst.shape
-    n = p.shape[0]
-    flat = D_dst.reshape(H * W, F).to(dtype)
-    d_col = d_src.to(dtype)[:, :, None]
-    u, v = p[:, 0].int(), p[:, 1].int()
-    for dil in dilations:
-        m = radius * dil
-        if 2 * m >= W or 2 * m >= H:
-            continue
-        off = _window_flat(radius, dil, W, p.device)
-        ci = (v.clamp(m, H - 1 - m) * W + u.clamp(m, W - 1 - m))[:, None] + off  # (N, K) int32
-        cand = flat.index_select(0, ci.reshape(-1)).reshape(n, -1, F)
-        best = torch.bmm(cand, d_col)[..., 0].argmax(1)
-        b = ci.gather(1, best[:, None])[:, 0]
-        u, v = b % W, torch.div(b, W, rounding_mode="floor")
-    return torch.where(active[:, None], torch.stack((u, v), -1).long(), p)
+    return fused_ops.refine_descriptors(D_dst, d_src, p, active, radius, dilations, dtype)
 
 
 # ---------------------------------------------------------------------------- Sim(3) solve
@@ -495,7 +482,9 @@ def _evaluate(T: torch.Tensor, x: torch.Tensor, yt: torch.Tensor, w0B: torch.Ten
     rho = torch.where(e <= k, e * e, 2.0 * k * e - k * k)
     Wt = (wv * hw)[None] * inv2  # (R, B N)
     A = torch.cat((A[:7], r[None]))
-    Mt = torch.einsum("krbn,lrbn->bkl", (A[:7] * Wt).reshape(7, R_, B, N), A.reshape(8, R_, B, N))  # (B, 7, 8)
+    # (B, 7, 8) = sum over rows of [J W] [J; r]^T, chunked (one long product is slow on GPUs)
+    JW = (A[:7] * Wt).reshape(7, R_, B, N).permute(2, 0, 1, 3).reshape(B, 7, R_ * N)
+    Mt = fused_ops.gram_splitk(JW, A.reshape(8, R_, B, N).permute(2, 0, 1, 3).reshape(B, 8, R_ * N))
     sums = torch.stack((rho, live.to(rho.dtype), (live & (hw >= 0.999)).to(rho.dtype))).reshape(3, B, N).sum(-1)
     return torch.cat((sums.T, Mt.reshape(B, 56)), 1).double()
 
