@@ -197,8 +197,7 @@ def refine_descriptors(D_dst: torch.Tensor, d_src: torch.Tensor, p: torch.Tensor
         Sc = d_src.to(dtype).contiguous()
         u = p[:, 0].to(torch.int32).contiguous()
         v = p[:, 1].to(torch.int32).contiguous()
-        dil_t = torch.tensor(dils, dtype=torch.int32).to(p.device, non_blocking=True) if not p.is_cuda \
-            else _dil_tensor(tuple(dils), p.device)
+        dil_t = _dil_tensor(tuple(dils), p.device)
         BN = 64
         bf = 1
         while bf < Fd:

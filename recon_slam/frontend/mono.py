@@ -236,20 +236,8 @@ class PairMatches:
         return self.valid_count
 
 
-_OFFSETS: dict = {}
 #: squared ray distance (2 - 2 cos) above which a ray-space match is not refined (~0.1 rad)
 _MAX_RAY_COST = 0.01
-
-
-def _window(radius: int, device) -> torch.Tensor:
-    key = (radius, str(device))
-    off = _OFFSETS.get(key)
-    if off is None:
-        r = torch.arange(-radius, radius + 1, device=device)
-        dv, du = torch.meshgrid(r, r, indexing="ij")
-        off = torch.stack((du.reshape(-1), dv.reshape(-1)), -1)  # (K, 2) (du, dv)
-        _OFFSETS[key] = off
-    return off
 
 
 def refine_by_descriptors(
@@ -272,41 +260,21 @@ def refine_by_descriptors(
     Returns:
         (N, 2) long refined pixels.
     """
-    H, W, F = D_dst.shape
     if D_dst.is_cuda and fused_ops.triton_available():  # one kernel, no compaction (no host sync)
         act = torch.ones(p.shape[0], dtype=torch.bool, device=p.device) if active is None else active
         return fused_ops.refine_descriptors(D_dst, d_src, p, act, radius, dilations)
-    flat = D_dst.reshape(H * W, F)
-    off = _window(radius, p.device)
-    off_flat = off[:, 1] * W + off[:, 0]  # (K,)
-    p_all = p
-    idx_act = None
-    if active is not None:
-        idx_act = active.nonzero()[:, 0]
-        p, d_src = p.index_select(0, idx_act), d_src.index_select(0, idx_act)
-    n = p.shape[0]
-    if n == 0:
-        return p_all
-    u, v = p[:, 0], p[:, 1]
-    rows = torch.arange(n, device=p.device)
-    d_col = d_src[:, :, None]
-    for dil in dilations:
-        m = radius * dil
-        if 2 * m >= W or 2 * m >= H:
-            continue
-        cu = u.clamp(m, W - 1 - m)
-        cv = v.clamp(m, H - 1 - m)
-        ci = (cv * W + cu)[:, None] + dil * off_flat[None, :]  # (n, K), all inside the image
-        cand = flat.index_select(0, ci.reshape(-1)).reshape(n, -1, F)
-        best = torch.bmm(cand, d_col)[..., 0].argmax(1)
-        b = ci[rows, best]
-        u, v = b % W, torch.div(b, W, rounding_mode="floor")
-    out = torch.stack((u, v), -1)
-    if idx_act is not None:
-        p_all = p_all.clone()
-        p_all[idx_act] = out
-        return p_all
-    return out
+    idx_act = None if active is None else active.nonzero()[:, 0]  # only the active points
+    q = p if idx_act is None else p.index_select(0, idx_act)
+    if q.shape[0] == 0:
+        return p
+    d = d_src if idx_act is None else d_src.index_select(0, idx_act)
+    u, v = fused_ops.refine_descriptors_torch(D_dst, d, q[:, 0], q[:, 1], radius, dilations)
+    out = torch.stack((u, v), -1).long()
+    if idx_act is None:
+        return out
+    p_all = p.clone()
+    p_all[idx_act] = out
+    return p_all
 
 
 def pixel_angle(rays: torch.Tensor) -> float:
