@@ -85,17 +85,69 @@ def test_cuda_graph_predictions_equal_eager_ones():
     frames = list(seq)
     kf = type("KF", (), {"frame_index": frames[0].index})()
     res = {}
-    for graphs in (False, True):
+    for graphs, compiled in ((False, False), (True, False), (True, True)):
         cfg = load_config(None, {"mode": "mono", "device": "cuda", "mono.long_side": 128,
-                                 "mono.cuda_graphs": graphs})
+                                 "mono.cuda_graphs": graphs, "mono.compile": compiled})
         pred = Mast3rPredictor(cfg.predictor, "cuda", mono_config=cfg.mono, network=_tiny_net().cuda())
         assert pred.cuda_graphs == graphs
         pred.predict(frames[0])
-        res[graphs] = [pred.predict(frames[1], kf), pred.predict(frames[2], kf)]
-    for a, b in zip(res[False], res[True]):
-        for name in ("X_cam", "C", "D", "Q", "X_other"):
-            assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-2, atol=1e-3), name
-    assert not torch.equal(res[True][0].X_cam, res[True][1].X_cam)
+        res[graphs, compiled] = [pred.predict(frames[1], kf), pred.predict(frames[2], kf)]
+        assert pred.compile == compiled  # compiling worked (no fall-back)
+        assert not any(getattr(m, "_compiled_call_impl", None) for m in pred.network.modules())  # eager calls: plain
+    for key in ((True, False), (True, True)):
+        for a, b in zip(res[False, False], res[key]):
+            for name in ("X_cam", "C", "D", "Q", "X_other"):
+                assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-2, atol=2e-3), (key, name)
+        assert not torch.equal(res[key][0].X_cam, res[key][1].X_cam)
+
+
+def test_compile_blocks_keeps_the_layout_and_undoes_cleanly():
+    """MASt3RNet.compile_blocks compiles in place (same state_dict keys) and uncompile_blocks
+    leaves plain modules computing the same outputs."""
+    net = _tiny_net()
+    keys = list(net.state_dict())
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ref = net.encode(x)[0]
+    mods = net.compile_blocks()
+    assert len(mods) == len(net.enc_blocks) + len(net.dec_blocks) + len(net.dec_blocks2) + 2
+    assert all(m._compiled_call_impl is not None for m in mods)
+    assert list(net.state_dict()) == keys
+    net.uncompile_blocks()
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in net.modules())
+    with torch.no_grad():
+        assert torch.equal(net.encode(x)[0], ref)
+
+
+def test_failed_compile_falls_back_to_uncompiled_graphs(monkeypatch, caplog):
+    """When capturing the compiled network fails, the predictor warns, captures it uncompiled
+    and stops compiling; when that fails too it runs eagerly (capture stubbed: no GPU here)."""
+    from recon_slam.frontend.mast3r_predictor import Mast3rPredictor
+    from recon_slam.models.mast3r import cuda_graphs as cg
+
+    cfg = load_config(None, {"mode": "mono", "device": "cpu", "mono.long_side": 128})
+    pred = Mast3rPredictor(cfg.predictor, "cpu", mono_config=cfg.mono, network=_tiny_net())
+    assert not pred.compile  # CPU: no graphs, nothing compiled
+    pred.compile = True  # as on CUDA
+    seen = []
+
+    def capture_encoder(net, *a, **k):
+        compiled = any(getattr(m, "_compiled_call_impl", None) for m in net.modules())
+        seen.append(compiled)
+        if compiled:
+            raise RuntimeError("inductor: no working C compiler")
+        return "graph"
+
+    monkeypatch.setattr(cg, "capture_encoder", capture_encoder)
+    with caplog.at_level("WARNING"):
+        assert pred._graph("enc", (96, 128), torch.float16) == "graph"
+    assert seen == [True, False] and not pred.compile
+    assert "torch.compile of the MASt3R encoder failed" in caplog.text and "mono.compile: false" in caplog.text
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in pred.network.modules())
+
+    monkeypatch.setattr(cg, "capture_decoder", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no graphs")))
+    assert pred._graph("dec", (96, 128), torch.float16) is None
+    assert "CUDA graph capture of the MASt3R decoder failed" in caplog.text
 
 
 def test_prefetched_predictions_equal_direct_ones():

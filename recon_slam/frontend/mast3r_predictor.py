@@ -22,8 +22,9 @@ keyframe holds it).
 Speed (our :class:`~recon_slam.models.mast3r.MASt3RNet` only): ``mono.precision`` ``auto``
 casts the weights to bfloat16 on CUDA (float32 on the CPU), and with ``mono.cuda_graphs``
 the encoder and the decoder + heads are captured once per input size as CUDA graphs and
-replayed (outputs are copied out of the graph buffers under a lock, so the backend thread
-can decode keyframe pairs at the same time). ``benchmarks/bench_mast3r_speed.py`` and
+replayed, their blocks compiled by ``torch.compile`` for the capture (``mono.compile``).
+Outputs are copied out of the graph buffers under a lock, so the backend thread can decode
+keyframe pairs at the same time (eagerly, uncompiled). ``benchmarks/bench_mast3r_speed.py`` and
 ``benchmarks/bench_mono_speed.py`` measure them.
 
 Without a network object the weights are loaded from ``mono.checkpoint`` (our
@@ -219,6 +220,9 @@ class Mast3rPredictor(PointmapPredictor):
         else:
             net.float().set_precision(None)
         graphs = bool(self.mono.cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available())
+        #: compile the network's blocks for the graph captures (never for eager calls: the
+        #: backend's batched decodes come in many shapes, each would compile again)
+        self.compile = bool(graphs and self.mono.compile and hasattr(net, "compile_blocks"))
         return prec, graphs
 
     def _graph(self, kind: str, hw: tuple[int, int], token_dtype: torch.dtype):
@@ -229,16 +233,36 @@ class Mast3rPredictor(PointmapPredictor):
         from recon_slam.models.mast3r import cuda_graphs as cg
 
         net = self.network
+        name = "encoder" if kind == "enc" else "decoder"
+
+        def capture(compiled: bool):
+            if compiled:  # only while capturing: the graph keeps the compiled kernels
+                log.info("compiling the MASt3R %s for %dx%d input (torch.compile, once per input size, "
+                         "~10-30 s; mono.compile: false skips it)", name, hw[1], hw[0])
+                net.compile_blocks()
+            try:
+                if kind == "enc":
+                    return cg.capture_encoder(net, hw, 1, amp_dtype=net.amp_dtype, out_dtype=token_dtype)
+                return cg.capture_decoder(net, hw, 1, amp_dtype=net.amp_dtype, token_dtype=token_dtype)
+            finally:
+                if compiled:
+                    net.uncompile_blocks()
+
         try:
-            if kind == "enc":
-                g = cg.capture_encoder(net, hw, 1, amp_dtype=net.amp_dtype, out_dtype=token_dtype)
-            else:
-                g = cg.capture_decoder(net, hw, 1, amp_dtype=net.amp_dtype, token_dtype=token_dtype)
-        except Exception as exc:  # noqa: BLE001 - fall back to eager calls, once
-            log.warning("CUDA graph capture of the MASt3R %s failed (%s): running it eagerly "
-                        "(set mono.cuda_graphs: false to skip the attempt)", "encoder" if kind == "enc" else "decoder",
-                        exc)
+            g = capture(self.compile)
+        except Exception as exc:  # noqa: BLE001 - fall back: uncompiled graphs, then eager calls
             g = None
+            if self.compile:
+                log.warning("torch.compile of the MASt3R %s failed (%s): using the uncompiled network "
+                            "(set mono.compile: false to skip the attempt)", name, exc)
+                self.compile = False
+                try:
+                    g = capture(False)
+                except Exception as exc2:  # noqa: BLE001
+                    exc = exc2
+            if g is None:
+                log.warning("CUDA graph capture of the MASt3R %s failed (%s): running it eagerly "
+                            "(set mono.cuda_graphs: false to skip the attempt)", name, exc)
         self._graphs[key] = g
         return g
 
