@@ -11,6 +11,12 @@
 4. new keyframes go to the backend (own thread, if enabled and available), which may move
    the keyframe poses at any time.
 
+Live streams (``SlamSystem(..., live=True)``, the ROS node): the backend thread works only
+while :meth:`SlamSystem.process` is idle (between frames, see
+:mod:`recon_slam.backend.scheduling`), and ``process(frame, on_pose=...)`` hands the
+frame's tracked pose to the caller before the map work of the frame (fusion, keyframe
+decision, keyframe re-anchoring, hand-off to the backend), so it can be published at once.
+
 Frame poses are stored relative to their keyframe, so :meth:`SlamSystem.trajectory`
 follows every backend optimisation. Lost frames (empty/black input, too few valid matches,
 failed solve) keep the last good pose; the following frames try to relocalise (backend hook
@@ -25,11 +31,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from recon_slam.backend.scheduling import FrontendGate
 from recon_slam.config import SlamConfig, load_config
 from recon_slam.frontend.keyframes import Keyframe, KeyframeMap, need_new_keyframe
 from recon_slam.frontend.predictors import Prediction, make_predictor
@@ -65,11 +72,15 @@ class FrameResult:
         index, stamp: of the frame.
         T_world_cam: (4, 4) float64 pose at the time of processing (later backend
             optimisations move it; :meth:`SlamSystem.trajectory` has the final one).
+            ``T_world_cam`` maps camera (optical frame) coordinates into the world frame.
         state: 'initialising', 'tracking', 'lost' or 'relocalised'.
         is_keyframe: the frame became a keyframe; kf_id: its reference keyframe.
         n_valid, valid_fraction, unique_fraction: tracking match statistics.
-        time_ms: processing time of the frame.
+        time_ms: processing time of the frame (for the early result given to ``on_pose``:
+            the time until the pose was known).
         reason: why the frame is lost ('' otherwise).
+        final: False for the early result given to ``process(..., on_pose=...)`` (its
+            ``is_keyframe`` is not decided yet: False), True for the returned one.
     """
 
     index: int
@@ -83,6 +94,7 @@ class FrameResult:
     unique_fraction: float = 0.0
     time_ms: float = 0.0
     reason: str = ""
+    final: bool = True
 
 
 @dataclass
@@ -147,10 +159,15 @@ class SlamSystem:
             (``predictor.two_view``) runs the monocular path
             (:class:`~recon_slam.frontend.mono.MonoFrontend`): Sim(3) keyframe and frame
             poses, trajectory reported as their rigid part.
+        live: frames come from a live stream (the ROS node): background work of this
+            process (the backend thread; map snapshots that wait on :attr:`gate`) runs only
+            while :meth:`process` is idle, so it never slows a frame down (see
+            :mod:`recon_slam.backend.scheduling`). Offline runs (False, the default) let the
+            backend run alongside the frames.
     """
 
     def __init__(self, config: SlamConfig | dict | str | None = None, camera: Optional[PinholeCamera] = None,
-                 backend: Any = None, predictor: Any = None) -> None:
+                 backend: Any = None, predictor: Any = None, live: bool = False) -> None:
         self.config = config if isinstance(config, SlamConfig) else load_config(config)
         self.config.validate()
         self.device = resolve_device(self.config.device)
@@ -167,6 +184,12 @@ class SlamSystem:
             self._mono = MonoFrontend(self)
         self.keyframe_map = KeyframeMap()
         self._lock = threading.RLock()
+        #: frontend-first scheduling: :meth:`process` marks its frames busy on it; background
+        #: threads (the backend, map snapshots) wait on it when ``live`` (see the module notes)
+        self.gate = FrontendGate(enabled=live)
+        self._pose_cb: Optional[Callable[[FrameResult], None]] = None
+        self._pose_t0 = 0.0
+        self._traj_cache: Optional[tuple] = None
         self.relocaliser = None  # a loaded map's scene-coordinate relocaliser (attach_relocaliser)
         self.backend = None
         if backend is False:
@@ -197,7 +220,10 @@ class SlamSystem:
         return bool(self.config.reloc.localize_only)
 
     def _attach_backend(self) -> None:
-        """Monocular: the backend verifies keyframe pairs with the two-view predictor."""
+        """Share the frontend gate with the backend; monocular: the backend verifies keyframe
+        pairs with the two-view predictor."""
+        if self.backend is not None and hasattr(self.backend, "gate"):
+            self.backend.gate = self.gate
         if self._mono is not None and self.backend is not None and hasattr(self.backend, "pair_verifier"):
             self.backend.pair_verifier = self._mono.verify_keyframe_pair
 
@@ -376,18 +402,31 @@ class SlamSystem:
         self._t_prev = None if stamp is None else float(stamp)
 
     # ------------------------------------------------------------------ main entry
-    def process(self, frame: Frame) -> FrameResult:
+    def process(self, frame: Frame, on_pose: Optional[Callable[[FrameResult], None]] = None) -> FrameResult:
         """Track one frame and update the map.
 
         Args:
             frame: the next frame (RGB + depth for mode 'rgbd', rectified pair for 'stereo').
+            on_pose: optional callback, called (in this thread, at most once) with an early
+                :class:`FrameResult` (``final`` False) as soon as a tracked frame's pose is
+                known, before the frame's map work (fusion, keyframe decision, re-anchoring
+                on an existing keyframe, hand-off to the backend), so a live caller can
+                publish the pose without waiting for that work. Its pose is the frame's pose
+                tracked against the current keyframe; when the frame then re-anchors on an
+                older keyframe, the returned result (and :meth:`trajectory`) has the pose
+                measured against that one. Not called for frames that are not tracked
+                (initialising, lost) nor by the monocular path: use the returned result.
 
         Returns:
             :class:`FrameResult` (pose ``T_world_cam`` (4, 4) float64 at processing time).
         """
-        with self._lock:
+        with self._lock, self.gate.frontend():
             t0 = time.perf_counter()
-            res = self._process(frame)
+            self._pose_cb, self._pose_t0 = on_pose, t0
+            try:
+                res = self._process(frame)
+            finally:
+                self._pose_cb = None
             dt = time.perf_counter() - t0
             res.time_ms = dt * 1e3
             self._time_s += dt
@@ -471,10 +510,25 @@ class SlamSystem:
         self._tick("map", t0)
         return res
 
+    def _emit_pose(self, frame: Frame, T_world: np.ndarray, state: str, kf_id: int, tr: TrackResult) -> None:
+        """Give the caller's ``on_pose`` callback (see :meth:`process`) the tracked pose now."""
+        cb, self._pose_cb = self._pose_cb, None
+        if cb is None:
+            return
+        early = FrameResult(frame.index, frame.stamp, T_world.copy(), state, False, kf_id, tr.n_valid,
+                            tr.valid_fraction, tr.unique_fraction,
+                            time_ms=(time.perf_counter() - self._pose_t0) * 1e3, final=False)
+        try:
+            cb(early)
+        except Exception as exc:  # the caller's publisher must not take the frontend down
+            log.warning("on_pose callback failed: %s", exc)
+
     def _accept(self, frame: Frame, pred: Prediction, kf: Keyframe, tr: TrackResult, state: str,
                 sources: Optional[list[SourceLevel]] = None) -> FrameResult:
         cfg = self.config
         T_kf_frame = tr.T_kf_frame
+        # the pose is known: a live caller publishes it now, the map work below follows
+        self._emit_pose(frame, self._pose_world(kf.id, T_kf_frame), state, kf.id, tr)
         # fusion into the keyframe (a saved map in localise-only mode stays as it is)
         if cfg.keyframes.fusion and not self.localize_only:
             self._fuse(kf, pred, T_kf_frame)
@@ -699,15 +753,40 @@ class SlamSystem:
             stamps (N,) float64 seconds and T_world_cam (N, 4, 4) float64 (frames processed
             before the first keyframe get the identity).
         """
-        with self._lock:
-            records = list(self._records)
+        stamps, kf_ids, T_kf_frame = self._trajectory_arrays()
         ids, poses = self.keyframe_map.poses()
-        P = dict(zip(ids, poses))
-        stamps = np.array([r.stamp for r in records], dtype=np.float64)
-        out = np.zeros((len(records), 4, 4))
-        for i, r in enumerate(records):
-            out[i] = _rigid(P[r.kf_id] @ r.T_kf_frame) if r.kf_id in P else np.eye(4)
+        out = np.broadcast_to(np.eye(4), (len(stamps), 4, 4)).copy()
+        if len(ids) and len(stamps):
+            # vectorised (the ROS node asks for it several times a second, next to tracking)
+            lut = np.full(max(int(max(ids)), int(kf_ids.max(initial=-1))) + 2, -1, dtype=np.int64)
+            lut[np.asarray(ids, dtype=np.int64)] = np.arange(len(ids))
+            slot = lut[np.where(kf_ids >= 0, kf_ids, -1)]
+            known = slot >= 0
+            T = poses[slot[known]] @ T_kf_frame[known]
+            s = np.cbrt(np.linalg.det(T[:, :3, :3]))
+            scaled = np.abs(s - 1.0) >= 1e-9  # drop the scale of Sim(3) poses (see _rigid)
+            T[scaled, :3, :3] /= s[scaled, None, None]
+            out[known] = T
         return stamps, out
+
+    def _trajectory_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame records as arrays: stamps (N,) float64, keyframe ids (N,) int64, T_kf_frame
+        (N, 4, 4) float64; cached and extended incrementally (records are only appended, a
+        reset starts a new list)."""
+        with self._lock:
+            records = self._records
+            n = len(records)
+            cache = self._traj_cache
+            if cache is None or cache[0] is not records or cache[1] > n:
+                cache = (records, 0, np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 4, 4)))
+            _, m, st, ki, Tk = cache
+            if m < n:
+                new = records[m:n]
+                st = np.concatenate([st, np.fromiter((r.stamp for r in new), np.float64, len(new))])
+                ki = np.concatenate([ki, np.fromiter((r.kf_id for r in new), np.int64, len(new))])
+                Tk = np.concatenate([Tk, np.stack([r.T_kf_frame for r in new])])
+                self._traj_cache = (records, n, st, ki, Tk)
+            return st, ki, Tk
 
     def frame_states(self) -> list[str]:
         """State of every processed frame, in order."""

@@ -26,6 +26,13 @@ The shape (anisotropy) of each matrix is kept.
 Relocalisation (:meth:`Backend.relocalize`) and the bounded-map hook
 (:meth:`Backend.covering_keyframe`) run in the caller's thread and only read.
 
+Live streams: the thread's work is cut into small units separated by
+:func:`~recon_slam.backend.scheduling.checkpoint` calls (here, in the verification and in
+every Gauss-Newton iteration of the pose graph); with an enabled :attr:`Backend.gate` (the
+engine's :class:`~recon_slam.backend.scheduling.FrontendGate`, ``SlamSystem(live=True)``)
+each unit waits until the frontend has finished its frame, so the backend works in the idle
+time between frames instead of slowing tracking down (they share one interpreter lock).
+
 Bounded map: when the frontend's new-keyframe rule fires it asks
 :meth:`Backend.covering_keyframe` whether an existing keyframe already covers the view
 (close pose, >= 60 % dense overlap both ways); if so it re-anchors tracking on that keyframe
@@ -48,6 +55,7 @@ import torch
 
 from recon_slam.backend.pose_graph import optimize_pose_graph
 from recon_slam.backend.retrieval import RetrievalDatabase
+from recon_slam.backend.scheduling import FrontendGate, checkpoint, run_in_background_of
 from recon_slam.backend.verification import (
     ImageFeatures,
     VerifyParams,
@@ -113,6 +121,11 @@ class Backend:
     Read-only statistics: ``n_keyframes``, ``n_edges``, ``n_loop_closures``,
     ``n_optimisations``, ``last_optim_ms``, ``error`` (the last exception raised in the
     thread, or None).
+
+    :attr:`gate` (a disabled :class:`~recon_slam.backend.scheduling.FrontendGate` unless
+    the owner replaces it) decides whether the thread's work units wait for the frontend to
+    be idle (see the module notes); it is read at every queued item, so it may be replaced
+    at any time.
     """
 
     def __init__(self, cfg: Any, keyframe_map, device: torch.device | str = "cpu",
@@ -143,6 +156,8 @@ class Backend:
         #: instead of :func:`verify_pair` for loop candidates (the monocular engine sets it:
         #: symmetric two-view prediction of the pair)
         self.pair_verifier = None
+        #: frontend-first scheduling of the thread's work (disabled: work runs concurrently)
+        self.gate = FrontendGate()
         self._thread = threading.Thread(target=self._run, name="recon_slam-backend", daemon=True)
         self._thread.start()
 
@@ -175,6 +190,7 @@ class Backend:
             "last_optim_ms": self.last_optim_ms,
             "pending": self._pending,
             "error": repr(self.error) if self.error is not None else None,
+            **self.gate.stats(),
         }
 
     # ------------------------------------------------------------------ frontend API
@@ -356,10 +372,12 @@ class Backend:
             if item is None:
                 break
             try:
-                if item[0] == "keyframe":
-                    self._process(*item[1:])
-                else:
-                    self._process_edge(*item[1:])
+                with run_in_background_of(self.gate):
+                    checkpoint()  # a frame is being tracked: let it finish first
+                    if item[0] == "keyframe":
+                        self._process(*item[1:])
+                    else:
+                        self._process_edge(*item[1:])
             except Exception as exc:  # surfaced through .error, never kills the thread
                 log.exception("backend: processing keyframe failed")
                 self.error = exc
@@ -421,6 +439,7 @@ class Backend:
         d = 6 if group == "se3" else 7
         t0 = time.perf_counter()
         feat = self._kf_features(kf)
+        checkpoint()
         with self._graph_lock:
             known = set(self._nodes)
             prev = self._nodes[-1] if self._nodes else None
@@ -443,6 +462,7 @@ class Backend:
             Xb, Cb = kf.snapshot()
             tv = time.perf_counter()
             for cand_id, score in cands:
+                checkpoint()
                 if cand_id not in self.map:
                     continue
                 ca = self.map.get(cand_id)
@@ -462,6 +482,7 @@ class Backend:
                         self._normalise_information(res.information.numpy(), d), "loop", res.inlier_fraction))
                     loops += 1
             self.last_verify_ms = (time.perf_counter() - tv) * 1e3
+        checkpoint()
         self.retrieval.add(kf.id, kf.image)
         with self._graph_lock:
             self._nodes.append(kf.id)
@@ -470,6 +491,7 @@ class Backend:
             has_cycle = len(self._edges) > len(self._nodes) - 1
         # 3. global optimisation once the graph has a cycle
         if has_cycle:
+            checkpoint()
             self._optimise()
         log.debug("backend: keyframe %d processed in %.1f ms (%d loop edges)", kf.id,
                   (time.perf_counter() - t0) * 1e3, loops)

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from recon_slam.backend.scheduling import checkpoint
 from recon_slam.geometry import lie
 
 __all__ = ["PoseGraphStats", "optimize_pose_graph", "edge_residuals"]
@@ -259,6 +260,7 @@ def optimize_pose_graph(
     lam = damping
     valid = pattern.valid
     for it in range(max_iters):
+        checkpoint()  # backend thread on a live stream: let a frame being tracked finish first
         stats.iterations = it + 1
         w = _huber_weights(chi, huber_k)  # (E,)
         Omega_w = information * w[:, None, None]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from recon_slam.backend.scheduling import checkpoint
 from recon_slam.geometry import lie
 from recon_slam.geometry.camera import PinholeCamera
 
@@ -483,6 +484,7 @@ def refine_dense(
     # photometric term has a narrow basin and must start close to the solution
     n_photo = p.photo_iters if photo else 0
     for it in range(n_it + n_photo):
+        checkpoint()  # backend thread on a live stream: let a frame being tracked finish first
         frac = min(it / max(n_it - 1, 1), 1.0)
         gate = p.dense_rel_gate_start * (1 - frac) + p.dense_rel_gate_end * frac
         use_photo = it >= n_it
@@ -624,6 +626,7 @@ def verify_pair(
         features_b = extract_features(image_b, p.n_features, p.fast_threshold, p.clahe_clip)
     ia, ib = match_features(features_a, features_b, p.ratio)
     timings["match"] = (time.perf_counter() - t0) * 1e3
+    checkpoint()  # yield points of the backend thread (no-ops elsewhere), see scheduling.py
     n_matches = len(ia)
     if n_matches < p.min_matches:
         return fail(f"only {n_matches} feature matches (< {p.min_matches})", n_matches=n_matches)
@@ -653,6 +656,7 @@ def verify_pair(
         max_scale_ratio=p.max_scale_ratio,
     )
     timings["ransac"] = (time.perf_counter() - t1) * 1e3
+    checkpoint()
     n_inl = int(inl.sum())
     if n_inl < p.min_ransac_inliers or n_inl < p.min_ransac_inlier_ratio * P_a.shape[0]:
         return fail(
@@ -680,6 +684,7 @@ def verify_pair(
     moved = torch.linalg.vector_norm(Pb_in @ Tr[:3, :3].T + Tr[:3, 3] - Pa_in, dim=-1)
     keep = float((moved < p.ransac_rel_threshold * torch.linalg.vector_norm(Pa_in, dim=-1)).float().mean())
     T_b_a = lie.sim3_inverse(T) if with_scale else lie.se3_inverse(T)
+    checkpoint()
     frac_ba = _overlap_fraction(
         X_a, C_a.to(dev), X_b.to(dev), C_b.to(dev), camera_b, T_b_a, p.dense_rel_gate_end, p.dense_points
     )

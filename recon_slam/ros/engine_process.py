@@ -27,7 +27,8 @@ Pieces (no rclpy import here):
 
 Messages engine -> node on the main pipe (tuples, first item the kind):
 ``("ready", info)``, ``("result", dict)``, ``("error", dict)``, ``("stale", dict)``,
-``("log", level, text)``, ``("reply", id, dict)``, ``("stopped",)``.
+``("log", level, text)``, ``("reply", id, dict)``, ``("stopped",)``, and ``("done", dict)`` after
+a ``result`` that was sent before the frame's map work was done (its total engine time).
 
 Fault drills (tests): the environment variable ``RECON_SLAM_ENGINE_FAULT`` = ``raise@N``,
 ``exit@N`` or ``hang@N`` makes the engine process raise, exit or hang at its N-th frame.
@@ -35,6 +36,7 @@ Fault drills (tests): the environment variable ``RECON_SLAM_ENGINE_FAULT`` = ``r
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -51,6 +53,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from recon_slam.io.ros_outputs import MapCloudCache
+
 __all__ = [
     "FrameChannel",
     "ChannelReader",
@@ -58,6 +62,8 @@ __all__ = [
     "EngineUnavailable",
     "engine_main",
     "warm_up_torch",
+    "freeze_heap",
+    "LiveCloudCache",
     "pack_frame",
     "unpack_frame",
     "FAULT_ENV",
@@ -174,6 +180,114 @@ def unpack_frame(meta: dict, parts: list[np.ndarray]) -> dict[str, Any]:
         out[role] = SimpleNamespace(header=SimpleNamespace(stamp=_ns_stamp(d["stamp"]), frame_id=d["frame_id"]),
                                     **fields)
     return out
+
+
+# ================================================================================== map cloud
+class LiveCloudCache(MapCloudCache):
+    """:class:`~recon_slam.io.ros_outputs.MapCloudCache` (same cloud) in steps small enough for a live engine.
+
+    ``MapCloudCache.cloud`` is one long step (each changed keyframe's confident points
+    voxel-downsampled in its own frame, then all keyframes moved to the world and
+    deduplicated: ~25 ms at 12 keyframes on a 2-core CPU, growing with the map; 0.1-0.26 s
+    seen while frames were tracked next to it). Split here:
+
+    * :meth:`refresh` (engine side): the per-keyframe step, one keyframe at a time with
+      ``wait()`` between keyframes (the engine gate's ``wait_idle``: no frame is slowed down),
+      cached by ``(keyframe id, n_fused)``;
+    * :meth:`entries_since` / :meth:`merge`: only the keyframes that changed since the node's
+      last copy travel to the node;
+    * :meth:`compose` (node side for an engine process, else between frames): the world
+      cloud of the cached keyframes at the given poses.
+
+    ``cloud(engine)`` still gives the whole cloud in one call. :attr:`generation` changes when
+    the cache starts over (new engine, reset, map load): a copy of another generation is
+    dropped.
+
+    Shapes and frames: points (N, 3) float32 in their keyframe's camera frame, colours (N, 3)
+    uint8; poses (K, 4, 4) ``T_world_kf``; the composed cloud (M, 3) float32 in the world
+    frame of the engine, colours (M, 3) uint8.
+    """
+
+    _generations = 0
+
+    def __init__(self, voxel: float, min_confidence: float = 0.5, stride: int = 1) -> None:
+        super().__init__(voxel, min_confidence, stride)
+        LiveCloudCache._generations += 1
+        self.generation = f"{os.getpid()}:{LiveCloudCache._generations}"
+        self.n_refreshed = 0  # keyframes recomputed by the last refresh (statistics, tests)
+
+    def clear(self) -> None:
+        """Forget every cached keyframe (a new generation)."""
+        super().clear()
+        LiveCloudCache._generations += 1
+        self.generation = f"{os.getpid()}:{LiveCloudCache._generations}"
+
+    def refresh(self, engine: Any, wait: Optional[Callable[[], Any]] = None) -> tuple[list, np.ndarray]:
+        """Bring every keyframe's local points up to date, one keyframe per step.
+
+        Returns:
+            ``(ids, T_world_kf (K, 4, 4))`` of the engine's keyframes (poses read last).
+        """
+        kmap = engine.keyframe_map
+        present = set()
+        self.n_refreshed = 0
+        kfs = kmap.keyframes()
+        for kf in kfs:
+            present.add(kf.id)
+            entry = self._cache.get(kf.id)
+            if entry is None or entry[0] != kf.n_fused:
+                if wait is not None:
+                    wait()
+                n_fused = kf.n_fused  # read before the pointmap: a later fusion bumps it again
+                pts, col = self._local(kf)
+                self._cache[kf.id] = (n_fused, pts, col)
+                self.n_refreshed += 1
+        for k in list(self._cache):
+            if k not in present:
+                del self._cache[k]
+        ids = [kf.id for kf in kfs]  # the order of MapCloudCache.cloud (the first point of a voxel wins)
+        _, poses = kmap.poses(ids) if ids else ([], np.zeros((0, 4, 4)))
+        return ids, poses
+
+    def entries_since(self, known: dict) -> dict:
+        """``{id: (n_fused, points, colours)}`` of the cached keyframes whose version differs from ``known`` ({id: n_fused})."""
+        return {k: e for k, e in self._cache.items() if known.get(k) != e[0]}
+
+    def versions(self) -> dict:
+        """``{id: n_fused}`` of the cached keyframes."""
+        return {k: e[0] for k, e in self._cache.items()}
+
+    def merge(self, generation: str, entries: dict, ids: list) -> None:
+        """Node side: take the engine's changed ``entries`` (:meth:`entries_since`); keep only ``ids``."""
+        if generation != self.generation:
+            self._cache.clear()
+            self.generation = generation
+        self._cache.update(entries)
+        keep = set(ids)
+        for k in list(self._cache):
+            if k not in keep:
+                del self._cache[k]
+
+    def compose(self, ids: list, poses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World cloud of the cached keyframes ``ids`` at ``poses`` (K, 4, 4): xyz (M, 3) float32, rgb (M, 3) uint8
+        (what ``MapCloudCache.cloud`` returns)."""
+        from recon_slam.io.ros_outputs import voxel_downsample
+
+        xyz_all, rgb_all = [], []
+        for kf_id, T in zip(ids, poses):
+            entry = self._cache.get(kf_id)
+            if entry is None or not len(entry[1]):
+                continue
+            xyz_all.append(entry[1].astype(np.float64) @ T[:3, :3].T + T[:3, 3])
+            rgb_all.append(entry[2])
+        if not xyz_all:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+        xyz, rgb = voxel_downsample(np.concatenate(xyz_all), np.concatenate(rgb_all), self.voxel)
+        return xyz.astype(np.float32), rgb
+
+    def cloud(self, engine: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The whole world cloud of ``engine``'s keyframes in one call (as ``MapCloudCache.cloud``)."""
+        return self.compose(*self.refresh(engine))
 
 
 # ================================================================================== channel
@@ -567,12 +681,18 @@ class EngineClient:
 
         Args:
             request: ``{"path": bool, "markers": bool, "cloud": bool, "cloud_params":
-                (voxel m, min_confidence, stride)}``.
+                (voxel m, min_confidence, stride)}``; ``"cloud_parts": True`` (with
+                ``"cloud_known"``: ``{kf id: n_fused}`` and ``"cloud_generation"`` of the
+                caller's :class:`LiveCloudCache`) asks for the keyframes' local clouds that
+                changed since instead of the whole cloud (the caller composes it).
 
         Returns:
             ``{"path": (stamps (N,), T_world_cam (N, 4, 4)), "markers": (ids, T_world_kf
             (K, 4, 4), camera, edges), "cloud": (xyz (M, 3) float32, rgb (M, 3) uint8),
-            "cost": {item: seconds spent in the engine process}}`` for the requested items
+            "cloud_parts": {"generation": str, "ids": [kf ids], "poses": T_world_kf (K, 4, 4),
+            "entries": {kf id: (n_fused, points (N, 3) float32 in the keyframe frame, colours
+            (N, 3) uint8)}}, "cost": {item: seconds of work in the engine process}}`` for the
+            requested items
             (missing when the engine has no map yet), or ``{"error": text}``.
 
         Raises:
@@ -715,9 +835,12 @@ class _EngineServer:
                 return  # the node is gone
             kind = msg[0]
             if kind == "frame":
-                item = self.reader.take()
-                if item is not None:
-                    self.process_frame(*item)
+                # busy from the doorbell on (taking and decoding the frame included): background work
+                # (backend, map snapshots) holds back as early as possible
+                with self.engine.gate.frontend() if self.engine is not None else contextlib.nullcontext():
+                    item = self.reader.take()
+                    if item is not None:
+                        self.process_frame(*item)
             elif kind == "cmd":
                 _, cid, name, args = msg
                 with self.cmd_lock:
@@ -756,7 +879,7 @@ class _EngineServer:
         from recon_slam.errors import ReconSlamError
         from recon_slam.system import SlamSystem
 
-        self.engine = SlamSystem(self.config, frame.camera)
+        self.engine = SlamSystem(self.config, frame.camera, live=True)  # backend works between frames
         self.cloud_cache = None
         if self.pending_map is not None or settings.get("load_map_at_start"):
             data, self.pending_map = self.pending_map, None
@@ -792,9 +915,19 @@ class _EngineServer:
             self.frame_index += 1
             self.n_frames += 1
             self._fault(self.n_frames - 1)
-            result = engine.process(frame)
-            self.send(("result", dict(base, result=result, stamp=float(frame.stamp), frame_id=frame.frame_id,
-                                      n_keyframes=engine.num_keyframes, done=time.monotonic())))
+            sent = []
+
+            def on_pose(early: Any) -> None:  # the pose first, the frame's map work after it
+                self.send(("result", dict(base, result=early, stamp=float(frame.stamp), frame_id=frame.frame_id,
+                                          n_keyframes=engine.num_keyframes, done=time.monotonic())))
+                sent.append(True)
+
+            result = engine.process(frame, on_pose=on_pose)
+            if not sent:
+                on_pose(result)
+            else:  # the frame's total engine time and keyframe decision (diagnostics)
+                self.send(("done", {"seq": meta.get("seq"), "time_ms": float(result.time_ms),
+                                    "is_keyframe": bool(result.is_keyframe), "n_keyframes": engine.num_keyframes}))
         except ReconSlamError as exc:
             self.send(("error", dict(base, input=True, type=type(exc).__name__, message=str(exc))))
         except Exception as exc:  # noqa: BLE001 - a bug: report it, keep serving
@@ -888,7 +1021,9 @@ class _EngineServer:
                 return
 
     def map_snapshot(self, req: dict) -> dict:
-        from recon_slam.io.ros_outputs import MapCloudCache, graph_edges
+        """Path, keyframe markers and cloud (whole or the keyframes changed since the node's copy)
+        for :meth:`EngineClient.map_data`; every step waits until no frame is being processed."""
+        from recon_slam.io.ros_outputs import graph_edges
 
         out: dict[str, Any] = {}
         cost: dict[str, float] = {}
@@ -896,36 +1031,94 @@ class _EngineServer:
             engine = self.engine
             if engine is None:
                 return out
-            t0 = time.perf_counter()
+            # each step runs while no frame is being processed (the engine is live: its gate is
+            # enabled), so snapshots never compete with tracking for the interpreter lock or a core
+            gate = engine.gate
+            waited = [0.0]
+
+            def wait() -> None:
+                t = time.perf_counter()
+                gate.wait_idle()
+                waited[0] += time.perf_counter() - t
+
+            def timed(name: str, fn: Callable[[], Any]) -> Any:
+                wait()
+                w0, t0 = waited[0], time.perf_counter()
+                value = fn()
+                cost[name] = time.perf_counter() - t0 - (waited[0] - w0)  # work only, waits excluded
+                return value
+
             if req.get("path"):
-                out["path"] = engine.trajectory()
-                cost["path"], t0 = time.perf_counter() - t0, time.perf_counter()
+                out["path"] = timed("path", engine.trajectory)
             if req.get("markers"):
-                ids, _, T_kf = engine.keyframes()
-                if len(ids):
+                def markers() -> Any:
+                    ids, _, T_kf = engine.keyframes()
+                    if not len(ids):
+                        return None
                     camera = engine.keyframe_map.get(ids[0]).camera
-                    out["markers"] = (list(ids), np.asarray(T_kf), camera, graph_edges(engine, ids))
-                cost["markers"], t0 = time.perf_counter() - t0, time.perf_counter()
-            if req.get("cloud"):
+                    return list(ids), np.asarray(T_kf), camera, graph_edges(engine, ids)
+
+                m = timed("markers", markers)
+                if m is not None:
+                    out["markers"] = m
+            if req.get("cloud") or req.get("cloud_parts"):
                 params = tuple(req.get("cloud_params") or (0.02, 0.5, 1))
                 if self.cloud_cache is None or self.cloud_params != params:
-                    self.cloud_cache = MapCloudCache(*params)
+                    self.cloud_cache = LiveCloudCache(*params)
                     self.cloud_params = params
-                out["cloud"] = self.cloud_cache.cloud(engine)
-                cost["cloud"] = time.perf_counter() - t0
+                cache = self.cloud_cache
+                ids, poses = timed("cloud", lambda: cache.refresh(engine, wait))
+                if req.get("cloud"):
+                    c0 = cost["cloud"]
+                    out["cloud"] = timed("cloud", lambda: cache.compose(ids, poses))
+                    cost["cloud"] += c0
+                if req.get("cloud_parts"):
+                    known = req.get("cloud_known") or {}
+                    if req.get("cloud_generation") != cache.generation:
+                        known = {}
+                    out["cloud_parts"] = {"generation": cache.generation, "ids": list(ids), "poses": np.asarray(poses),
+                                          "entries": cache.entries_since(known)}
         out["cost"] = cost
         return out
 
 
 def warm_up_torch() -> None:
-    """Pay torch's lazy one-time costs before the first frame: the first ``torch.broadcast_shapes``
-    (used by the Lie group helpers) imports sympy, ~1 s on a small CPU."""
+    """Pay the engine's lazy one-time costs before the first frame, not next to tracking.
+
+    * the first ``torch.broadcast_shapes`` (used by the Lie group helpers) imports sympy,
+      ~1 s on a small CPU;
+    * the engine's modules, and those the backend thread imports lazily at its first
+      keyframes (``scipy.sparse`` for retrieval: ~0.2 s holding the interpreter lock next to
+      a tracked frame; ``cholespy`` for the pose graph; OpenCV).
+    """
+    import importlib
+
     import torch
 
     try:
         torch.broadcast_shapes((2, 1), (1, 3))
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
+    for name in ("recon_slam.system", "recon_slam.backend", "scipy.sparse", "cholespy", "cv2"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional dependencies: the code paths that need them say so
+            pass
+
+
+def freeze_heap() -> None:
+    """Collect garbage once now and exempt every surviving object from later collections.
+
+    After start-up a process holds hundreds of thousands of long-lived objects (torch, NumPy,
+    rclpy, ...). A full (generation 2) collection walks all of them: 0.1-0.3 s measured on a
+    2-core CPU, the whole process stopped, a frame or a pose publication late by as much.
+    ``gc.freeze()`` moves them to a permanent generation, so later full collections only walk
+    objects created afterwards. Call it once start-up is done (imports, node creation).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def engine_main(conn: Any, fd_conn: Any, map_conn: Any, config: Any, mode: str, options: dict) -> None:
@@ -953,6 +1146,7 @@ def engine_main(conn: Any, fd_conn: Any, map_conn: Any, config: Any, mode: str, 
         except RuntimeError:  # already set
             pass
         warm_up_torch()
+        freeze_heap()
         server = _EngineServer(conn, fd_conn, map_conn, config, mode, options)
         handler = _ConnLogHandler(server.send)
         pkg = logging.getLogger("recon_slam")

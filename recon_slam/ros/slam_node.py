@@ -54,12 +54,13 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 
 from recon_slam.config import ConfigError, SlamConfig
 from recon_slam.errors import ReconSlamError
-from recon_slam.io.messages import RclpyTypes, make_header, stamp_to_sec
+from recon_slam.io.messages import RclpyTypes, make_header, make_pose_stamped, stamp_to_sec
 from recon_slam.io.ros_inputs import LatestSlot, frame_from_messages
-from recon_slam.io.ros_outputs import NODE_NAME, MapCloudCache, NodeStatus, RosOutputs, graph_edges
+from recon_slam.io.ros_outputs import NODE_NAME, NodeStatus, RosOutputs, graph_edges
 from recon_slam.io.sync import StampSynchronizer
 from recon_slam.io.tf_buffer import TfBuffer, TfLookupError
-from recon_slam.ros.engine_process import EngineClient, EngineUnavailable, pack_frame, warm_up_torch
+from recon_slam.ros.engine_process import (EngineClient, EngineUnavailable, LiveCloudCache, freeze_heap, pack_frame,
+                                           warm_up_torch)
 from recon_slam.ros.params import (
     ARRAY_PARAMETERS,
     NODE_PARAMETERS,
@@ -103,6 +104,53 @@ class _Counters:
     processed: int = 0
     stale: int = 0
     no_camera_info: int = 0
+
+
+class PathBuilder:
+    """``~/path`` messages built incrementally (what :meth:`RosOutputs.path_msg` builds, same content).
+
+    One ``PoseStamped`` costs ~0.1 ms of Python to build: a 900-frame path took 60-130 ms on
+    a 2-core CPU, every few hundred ms, holding the interpreter lock next to the per-frame work
+    (image callbacks, odometry publication, the engine thread). Between two backend
+    optimisations only the frames added since the last build change, so only their poses are
+    built; the others are reused (messages are immutable once built). After a loop closure
+    every pose changes: they are rebuilt in chunks of ``chunk`` poses with ``wait()`` called
+    between chunks (the engine gate's ``wait_idle`` when the engine runs in this process).
+    """
+
+    def __init__(self, chunk: int = 64) -> None:
+        self.chunk = int(chunk)
+        self.n_built = 0  # poses built by the last call (statistics, tests)
+        self._key: Optional[tuple] = None  # map origin, extrinsic and frame the cache holds
+        self._stamps = np.zeros(0)
+        self._T = np.zeros((0, 4, 4))
+        self._poses: list = []
+
+    def build(self, outputs: RosOutputs, stamp: float, stamps: Any, T_world_cams: Any,
+              wait: Optional[Any] = None) -> Any:
+        """``nav_msgs/Path`` of base_link in map for engine poses (N, 4, 4) ``T_world_cam`` at ``stamps`` (N,)
+        (non-finite poses left out), header stamp ``stamp``; ``wait``: called between chunks of poses."""
+        T = np.asarray(T_world_cams, dtype=np.float64).reshape(-1, 4, 4)
+        st = np.asarray(stamps, dtype=np.float64).reshape(-1)
+        ok = np.all(np.isfinite(T.reshape(len(T), -1)), axis=1) if len(T) else np.zeros(0, bool)
+        T_map_base = outputs.T_map_world @ T[ok] @ outputs.T_cam_base
+        st = st[ok]
+        frame = outputs.frames.map
+        key = (outputs.T_map_world.tobytes(), outputs.T_cam_base.tobytes(), frame)
+        if key != self._key:
+            self._key, self._stamps, self._T, self._poses = key, np.zeros(0), np.zeros((0, 4, 4)), []
+        n, m = len(st), min(len(st), len(self._stamps))
+        same = (self._stamps[:m] == st[:m]) & np.all(self._T[:m] == T_map_base[:m], axis=(1, 2))
+        todo = np.concatenate([np.flatnonzero(~same), np.arange(m, n)])
+        poses = self._poses[:n] + [None] * max(0, n - len(self._poses))
+        for k in range(0, len(todo), self.chunk):
+            if k and wait is not None:
+                wait()
+            for i in todo[k:k + self.chunk]:
+                poses[i] = make_pose_stamped(outputs.types, T_map_base[i], float(st[i]), frame)
+        self._stamps, self._T, self._poses = st, T_map_base, poses
+        self.n_built = len(todo)
+        return outputs.types.new("nav_msgs/msg/Path", header=make_header(outputs.types, stamp, frame), poses=list(poses))
 
 
 def _plain(value: Any) -> Any:
@@ -180,7 +228,8 @@ class SlamNode(Node):
         self._last_state = ""
         self._proc_times: deque = deque(maxlen=30)
         self._latencies: deque = deque(maxlen=300)
-        self._engine_ms: deque = deque(maxlen=300)
+        self._engine_ms: deque = deque(maxlen=300)  # engine time until the pose was known (published then)
+        self._engine_total_ms: deque = deque(maxlen=300)  # engine time of the whole frame (with its map work)
         self._wait_ms: deque = deque(maxlen=300)  # image arrival -> taken by the worker / engine process
         self._pose_ages: deque = deque(maxlen=300)  # at each image arrival: now - arrival of the newest published pose
         self._last_pub_arrival: Optional[float] = None
@@ -213,7 +262,8 @@ class SlamNode(Node):
         self._map_last: dict[str, float] = {}  # when it was last built
         self._map_throttled: dict[str, int] = {}  # due but skipped to stay within MAP_OUTPUT_CPU_SHARE
         self._map_cv = threading.Condition()
-        self._cloud_cache: Optional[MapCloudCache] = None  # replaced (not mutated) on reset / load
+        self._cloud_cache: Optional[LiveCloudCache] = None  # replaced (not mutated) on reset / load
+        self._path_builder = PathBuilder()  # map publisher thread only
 
         # ---------------- ROS interfaces
         self._cb_inputs = MutuallyExclusiveCallbackGroup()
@@ -489,6 +539,7 @@ class SlamNode(Node):
     # ------------------------------------------------------------------ engine worker
     def _work_loop(self) -> None:
         warm_up_torch()
+        freeze_heap()  # after the engine's imports: no long garbage-collector pauses next to tracking
         while not self._stop.is_set():
             item = self._slot.take(timeout=0.1)
             if item is None:
@@ -578,7 +629,7 @@ class SlamNode(Node):
         from recon_slam.system import SlamSystem
 
         self._apply_extrinsic(T, source, camera_frame, frame.stamp)
-        self._engine = SlamSystem(self._config, frame.camera)
+        self._engine = SlamSystem(self._config, frame.camera, live=True)  # backend works between frames
         self._new_cloud_cache()
         if self._pending_map is not None or self._settings.load_map_at_start:
             data, self._pending_map = self._pending_map, None
@@ -609,13 +660,22 @@ class SlamNode(Node):
             if engine is None:
                 return
             self._frame_index += 1
-            result = engine.process(frame)
-            done = self._publish_frame_outputs(frame.stamp, result.T_world_cam, result.state)
+            published: list = []
+
+            def on_pose(r: Any) -> None:  # the pose first, the frame's map work (keyframes, fusion) after it
+                published.append((r, self._publish_frame_outputs(frame.stamp, r.T_world_cam, r.state)))
+                self._last_pub_arrival = item.arrival
+
+            result = engine.process(frame, on_pose=on_pose)
+            if not published:
+                on_pose(result)
+            early, done = published[0]
             n_kf = engine.num_keyframes
             due = {name: frame.stamp for name in ("path", "markers", "cloud")
                    if self._outputs.due(name, frame.stamp, n_kf)}
         # bookkeeping outside the lock
-        self._after_frame(item.arrival, done, float(result.time_ms), result.state, result.reason, n_kf, due)
+        self._engine_total_ms.append(float(result.time_ms))
+        self._after_frame(item.arrival, done, float(early.time_ms), result.state, result.reason, n_kf, due)
 
     def _publish_frame_outputs(self, stamp: float, T_world_cam: np.ndarray, state: str) -> float:
         """Odometry, pose and ``/tf`` of one processed frame ((4, 4) engine pose ``T_world_cam`` at
@@ -769,6 +829,8 @@ class SlamNode(Node):
             self._handle_events(d.get("events") or [])
             self._report_frame_error(bool(d.get("input")), d.get("type", "Error"), d.get("message", ""),
                                      d.get("traceback", ""))
+        elif kind == "done":  # a frame whose pose came early: its total engine time
+            self._engine_total_ms.append(float(msg[1].get("time_ms", float("nan"))))
         elif kind == "stale":
             self._engine_stale = int(msg[1].get("count", 0))
         elif kind == "log":
@@ -805,6 +867,8 @@ class SlamNode(Node):
         st["decode"].append((float(d.get("decoded", d["taken"])) - float(d["taken"])) * 1e3)
         st["to_node"].append((received - float(d["done"])) * 1e3)
         st["publish"].append((done - received) * 1e3)
+        if getattr(r, "final", True):  # else its total time comes with a "done" message
+            self._engine_total_ms.append(float(r.time_ms))
         self._after_frame(float(d["arrival"]), done, float(r.time_ms), r.state, r.reason, n_kf, due)
 
     def _apply_map_loaded(self, d: dict) -> None:
@@ -932,13 +996,16 @@ class SlamNode(Node):
                     break
                 self._log_once(f"mapout:{type(exc).__name__}", "warning", f"map outputs skipped once: {exc}")
 
-    def _new_cloud_cache(self) -> None:
+    def _cloud_params(self) -> tuple[float, float, int]:
+        """(voxel m, min_confidence, stride) of the map cloud."""
         o = self._config.output if self._config is not None else None
-        self._cloud_cache = MapCloudCache(
-            self._settings.policy.cloud_voxel_m,
-            o.cloud_min_confidence if o is not None else 0.5,
-            o.cloud_stride if o is not None else 1,
-        )
+        return (self._settings.policy.cloud_voxel_m, o.cloud_min_confidence if o is not None else 0.5,
+                o.cloud_stride if o is not None else 1)
+
+    def _new_cloud_cache(self) -> None:
+        """A fresh map cloud cache (engine thread: built from the engine; engine process: the node's copy of the
+        keyframes' local clouds, updated with the ones that changed)."""
+        self._cloud_cache = LiveCloudCache(*self._cloud_params())
 
     def _within_budget(self, request: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
         """Split due map outputs into those to build now and those deferred: an output whose last
@@ -981,16 +1048,27 @@ class SlamNode(Node):
         if client is None or not client.alive() or not self._engine_ready:
             return
         epoch = self._epoch
-        o = self._config.output if self._config is not None else None
-        params = (self._settings.policy.cloud_voxel_m, o.cloud_min_confidence if o is not None else 0.5,
-                  o.cloud_stride if o is not None else 1)
+        params = self._cloud_params()
+        cache = self._cloud_cache
+        if cache is None or (cache.voxel, cache.min_confidence, cache.stride) != params:
+            self._new_cloud_cache()
+            cache = self._cloud_cache
+        # the cloud: only the keyframes whose local cloud changed since our copy travel (the engine process
+        # computes them one keyframe at a time between frames); the world cloud is composed here
         data = client.map_data({"path": "path" in request, "markers": "markers" in request,
-                                "cloud": "cloud" in request, "cloud_params": params},
+                                "cloud_parts": "cloud" in request, "cloud_params": params,
+                                "cloud_known": cache.versions(), "cloud_generation": cache.generation},
                                timeout=self._settings.engine_command_timeout)
         if "error" in data:
             raise RuntimeError(data["error"])
         out = self._outputs
         cost = dict(data.get("cost") or {})  # seconds the engine process spent on each item
+        if "cloud_parts" in data:
+            parts = data["cloud_parts"]
+            t0 = time.perf_counter()
+            cache.merge(parts["generation"], parts["entries"], parts["ids"])
+            data["cloud"] = cache.compose(parts["ids"], parts["poses"])
+            cost["cloud"] = cost.get("cloud", 0.0) + time.perf_counter() - t0
         msgs = []
         for name, pub in (("path", self._path_pub), ("markers", self._markers_pub), ("cloud", self._cloud_pub)):
             if name not in data:
@@ -998,7 +1076,7 @@ class SlamNode(Node):
             t0 = time.perf_counter()
             if name == "path":
                 stamps, T = data["path"]
-                msg = out.path_msg(request["path"], stamps, T)
+                msg = self._path_builder.build(out, request["path"], stamps, T)
             elif name == "markers":
                 ids, T_kf, camera, edges = data["markers"]
                 msg = out.markers_msg(request["markers"], T_kf, camera, ids=ids, edges=edges)
@@ -1014,26 +1092,41 @@ class SlamNode(Node):
                 pub.publish(msg)
 
     def _publish_map_outputs(self, engine: Any, request: dict[str, float]) -> None:
+        """Map publisher thread, engine in a worker thread: path / keyframe markers / cloud.
+
+        Each step (engine snapshot, message building) waits until the engine has finished the
+        frame it is processing (its gate: the engine is live), so these slow outputs use the idle
+        time between frames instead of competing with tracking for the interpreter lock.
+        """
         out = self._outputs
+        gate = engine.gate
+
+        def step(fn: Any, *args: Any) -> tuple[Any, float]:  # (result, seconds of work, waits excluded)
+            gate.wait_idle()
+            t0 = time.perf_counter()
+            return fn(*args), time.perf_counter() - t0
+
         if "path" in request:
-            t0 = time.perf_counter()
-            stamps, T = engine.trajectory()
-            self._path_pub.publish(out.path_msg(request["path"], stamps, T))
-            self._account("path", time.perf_counter() - t0)
+            (stamps, T), c1 = step(engine.trajectory)
+            msg, c2 = step(self._path_builder.build, out, request["path"], stamps, T, gate.wait_idle)
+            self._path_pub.publish(msg)
+            self._account("path", c1 + c2)
         if "markers" in request:
-            t0 = time.perf_counter()
-            ids, _, T_kf = engine.keyframes()
+            (ids, _, T_kf), c1 = step(engine.keyframes)
+            c2 = 0.0
             if len(ids):
                 camera = engine.keyframe_map.get(ids[0]).camera
                 edges = graph_edges(engine, ids)
-                self._markers_pub.publish(out.markers_msg(request["markers"], T_kf, camera, ids=ids, edges=edges))
-            self._account("markers", time.perf_counter() - t0)
+                msg, c2 = step(lambda: out.markers_msg(request["markers"], T_kf, camera, ids=ids, edges=edges))
+                self._markers_pub.publish(msg)
+            self._account("markers", c1 + c2)
         cache = self._cloud_cache
         if "cloud" in request and cache is not None:
-            t0 = time.perf_counter()
-            xyz, rgb = cache.cloud(engine)
-            self._cloud_pub.publish(out.cloud_msg(request["cloud"], xyz, rgb))
-            self._account("cloud", time.perf_counter() - t0)
+            (ids, poses), c1 = step(cache.refresh, engine, gate.wait_idle)  # one keyframe per step
+            (xyz, rgb), c2 = step(cache.compose, ids, poses)
+            msg, c3 = step(out.cloud_msg, request["cloud"], xyz, rgb)
+            self._cloud_pub.publish(msg)
+            self._account("cloud", c1 + c2 + c3)
 
     # ------------------------------------------------------------------ services
     def _reset_locked(self) -> None:
@@ -1295,6 +1388,9 @@ class SlamNode(Node):
             "pose_age_ms_max": f"{ages.max():.1f}" if len(ages) else "nan",
             "engine_ms_p50": f"{np.percentile(list(self._engine_ms), 50):.1f}" if self._engine_ms else "nan",
             "engine_ms_max": f"{max(self._engine_ms):.1f}" if self._engine_ms else "nan",
+            "engine_total_ms_p50": (f"{np.percentile(list(self._engine_total_ms), 50):.1f}" if self._engine_total_ms
+                                    else "nan"),
+            "engine_total_ms_max": f"{max(self._engine_total_ms):.1f}" if self._engine_total_ms else "nan",
             "queue_wait_ms_p50": f"{np.percentile(list(self._wait_ms), 50):.1f}" if self._wait_ms else "nan",
             "queue_wait_ms_max": f"{max(self._wait_ms):.1f}" if self._wait_ms else "nan",
             **({f"{k}_ms_p50": f"{np.percentile(list(v), 50):.1f}" for k, v in self._stage_ms.items() if v}
