@@ -356,6 +356,23 @@ def test_state_dict_round_trip(tiny_map, tmp_path):
         Relocaliser.from_state_dict({"format": "other"})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_localize_equals_eager(tiny_map):
+    """On CUDA, network + RANSAC are replayed as one CUDA graph (after a first eager query of
+    the shape): same random sets, same pose and inliers as the eager path."""
+    reloc, _, frames = tiny_map
+    gpu = Relocaliser.from_state_dict(reloc.state_dict(), "cuda")
+    eager = Relocaliser.from_state_dict(reloc.state_dict(), "cuda")
+    eager.cuda_graphs = False
+    for f in frames[1:40:6]:
+        a, b = gpu.localize(f.image, f.camera), eager.localize(f.image, f.camera)
+        assert (a.ok, a.inliers) == (b.ok, b.inliers)
+        if a.candidate is not None:
+            assert np.allclose(a.candidate, b.candidate, atol=1e-6)
+    assert len(gpu._graphs) == 1 and next(iter(gpu._graphs.values())) is not None
+    assert not eager._graphs
+
+
 def test_default_map_size_under_8mb():
     cfg = RelocConfig()
     net = build_net(cfg.encoder_widths, cfg.head_width, cfg.head_blocks, cfg.in_channels)

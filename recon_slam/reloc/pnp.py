@@ -80,9 +80,8 @@ def intrinsics(K: torch.Tensor) -> tuple[float, float, float, float]:
 
 def focal_pair(fx: float, fy: float, like: torch.Tensor) -> torch.Tensor:
     """(2,) tensor ``(fx, fy)`` on ``like``'s device, built with fills (no host-to-device copy)."""
-    f2 = torch.full((2,), fx, dtype=like.dtype, device=like.device)
-    f2[1] = fy
-    return f2
+    full = lambda v: torch.full((1,), float(v), dtype=like.dtype, device=like.device)  # noqa: E731
+    return torch.cat((full(fx), full(fy)))  # (item assignment would copy from the host)
 
 
 def normalise_pixels(
@@ -365,8 +364,8 @@ def refine_normalised(
     dtype, device = T.dtype, T.device
     C, c0, G = _constants(device, dtype)
     eye3 = torch.eye(3, dtype=dtype, device=device)
-    tcol = torch.zeros(1, 1, 4, dtype=dtype, device=device)  # adds a vector to the translation column
-    tcol[..., 3] = 1.0
+    # adds a vector to the translation column (built with kernels: no host copy, CUDA-graph safe)
+    tcol = (torch.arange(4, device=device) == 3).to(dtype).view(1, 1, 4)
     thr2 = float(threshold) ** 2
     T = T.clone()
     for _ in range(iterations):

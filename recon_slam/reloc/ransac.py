@@ -105,14 +105,50 @@ def ransac_pnp(
     Returns:
         :class:`RansacResult` with ``T_cam_world`` (world -> camera, optical frame).
     """
-    device = uv.device
-    dt = torch.float64
     fx, fy, cx, cy = intrinsics(K)
     n = int(uv.shape[0])
-    empty = torch.zeros(n, dtype=torch.bool, device=device)
     H = int(config.hypotheses)
     if n < 4 or H < 1:
-        return RansacResult(None, 0, empty, 0.0, 0)
+        return RansacResult(None, 0, torch.zeros(n, dtype=torch.bool, device=uv.device), 0.0, 0)
+    sets = draw_sets(n, config, uv.device, generator)
+    on_host = uv.device.type == "cpu" if early_exit is None else bool(early_exit)
+    summary, mask = ransac_on_device(uv, X, (fx, fy, cx, cy), threshold, config, sets, valid, on_host)
+    return parse_summary(summary.cpu(), mask, config)  # the one device -> host transfer
+
+
+def draw_sets(n: int, config: RansacConfig, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(hypotheses x oversample x max_rounds, 4) int64 random minimal sets of indices < ``n``."""
+    total = int(config.hypotheses) * max(int(config.oversample), 1) * max(int(config.max_rounds), 1)
+    return torch.randint(0, n, (total, 4), device=device, generator=generator)
+
+
+def ransac_on_device(
+    uv: torch.Tensor,
+    X: torch.Tensor,
+    intrinsics_: tuple[float, float, float, float],
+    threshold: float,
+    config: RansacConfig,
+    sets: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    early_exit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of :func:`ransac_pnp` for given minimal ``sets`` (:func:`draw_sets`), no host reads
+    unless ``early_exit`` (then one per drawing round): a fixed sequence of kernels that a
+    CUDA graph can capture.
+
+    Args:
+        uv (N, 2), X (N, 3), threshold, config, valid: as :func:`ransac_pnp` (N >= 4);
+        intrinsics_: ``(fx, fy, cx, cy)`` of the pixel frame of ``uv``.
+
+    Returns:
+        summary (16,) float64 on the device (:func:`parse_summary` reads it: the best
+        refined ``T_cam_world`` rows (12), inliers, soft score, passing sets, valid flag)
+        and the (N,) bool inlier mask of the best pose.
+    """
+    device = uv.device
+    dt = torch.float64
+    fx, fy, cx, cy = intrinsics_
+    H = int(config.hypotheses)
     uv = uv.to(dt)
     X = X.to(device=device, dtype=dt)
     ok_pts = torch.isfinite(X).all(-1) & torch.isfinite(uv).all(-1)
@@ -125,11 +161,8 @@ def ransac_pnp(
     f2 = focal_pair(fx, fy, X)
 
     # 1. minimal sets -> hypotheses (first H passing sets in drawing order)
-    per_round = H * max(int(config.oversample), 1)
-    total = per_round * max(int(config.max_rounds), 1)
-    sets = torch.randint(0, n, (total, 4), device=device, generator=generator)
-    on_host = device.type == "cpu" if early_exit is None else bool(early_exit)
-    chunk = per_round if on_host else total
+    total = int(sets.shape[0])
+    chunk = H * max(int(config.oversample), 1) if early_exit else total
     Rs, ts, oks = [], [], []
     n_pass = 0
     for s0 in range(0, total, chunk):
@@ -139,7 +172,7 @@ def ransac_pnp(
         Rs.append(R_c)
         ts.append(t_c)
         oks.append(ok_c)
-        if on_host:
+        if early_exit:
             n_pass += int(ok_c.sum())  # a host read: free on the CPU
             if n_pass >= H:
                 break
@@ -169,13 +202,17 @@ def ransac_pnp(
     mask = inl_mask[best][0]
     top_best = top[best]
     stats = torch.cat((mask.sum().to(dt).view(1), score[top_best], ok.sum().to(dt).view(1), hyp_ok[top_best].to(dt)))
-    host = torch.cat((Tr[best].reshape(12), stats)).cpu()  # the one device -> host transfer
+    return torch.cat((Tr[best].reshape(12), stats)), mask
+
+
+def parse_summary(host: torch.Tensor, mask: torch.Tensor, config: RansacConfig) -> RansacResult:
+    """:class:`RansacResult` from the (16,) CPU summary of :func:`ransac_on_device` and its inlier mask."""
     vals = host.tolist()
     if vals[15] < 0.5:
-        return RansacResult(None, 0, empty, 0.0, 0)
-    T_out = torch.eye(4, dtype=dt)
-    T_out[:3] = host[:12].view(3, 4)
-    return RansacResult(T_out, int(vals[12]), mask, float(vals[13]), min(int(vals[14]), H))
+        return RansacResult(None, 0, torch.zeros_like(mask), 0.0, 0)
+    T_out = torch.eye(4, dtype=torch.float64)
+    T_out[:3] = host[:12].view(3, 4).double()
+    return RansacResult(T_out, int(vals[12]), mask, float(vals[13]), min(int(vals[14]), int(config.hypotheses)))
 
 
 def pose_world_cam(result: RansacResult) -> Optional[torch.Tensor]:

@@ -8,7 +8,8 @@ rejected query returns ``ok=False`` and ``T_world_cam=None`` ("not localised").
 
 On a GPU a query costs one upload (the resized image) and one download (pose and counts
 of :func:`ransac_pnp`, which draws, solves, scores and refines every hypothesis as one
-fixed sequence of kernels): nothing in between waits for the device.
+fixed sequence of kernels): nothing in between waits for the device. That sequence and the
+network are replayed as one CUDA graph per input shape and camera (:attr:`Relocaliser.cuda_graphs`).
 
 Maps: :meth:`Relocaliser.state_dict` is a plain dict (format tag, settings, weights as
 fp16/fp32 CPU tensors) that ``torch.save`` / ``torch.load(weights_only=True)`` handle;
@@ -18,6 +19,8 @@ with a file.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +36,10 @@ from recon_slam.models.ace.encoder import IMAGE_MEAN, IMAGE_STD, normalise_image
 from recon_slam.models.ace.head import SceneCoordinateNet, build_net
 from recon_slam.reloc.buffer import _to_rgb, processing_size
 from recon_slam.reloc.pnp import invert_pose
-from recon_slam.reloc.ransac import RansacConfig, ransac_pnp
+from recon_slam.reloc.ransac import RansacConfig, RansacResult, draw_sets, parse_summary, ransac_on_device
 from recon_slam.reloc.trainer import RelocConfig
+
+log = logging.getLogger(__name__)
 
 #: ITU-R BT.601 grey weights of :func:`recon_slam.models.ace.encoder.normalise_image`.
 _GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
@@ -88,6 +93,12 @@ class Relocaliser:
             p.requires_grad_(False)
         self._undistort_cache: dict[PinholeCamera, tuple] = {}
         self._grid_cache: dict[tuple[int, int], torch.Tensor] = {}
+        #: on CUDA, replay network + RANSAC as one CUDA graph per input shape and camera (the
+        #: first query of a shape runs eagerly; removes the launch overhead of ~1,000 kernels)
+        self.cuda_graphs = True
+        self._cells: dict[tuple, int] = {}  # input shape -> predicted cells
+        self._graphs: dict[tuple, Any] = {}
+        self._graph_lock = threading.Lock()
 
     # ------------------------------------------------------------------ inference
     def _prepare(self, image: np.ndarray, camera: PinholeCamera) -> tuple[np.ndarray, PinholeCamera]:
@@ -135,20 +146,48 @@ class Relocaliser:
         and no other host-to-device copy happens.
         """
         img, cam = self._prepare(image, camera)
+        uv, X = self._scene_coordinates(self._host_input(img).to(self.device))
+        return uv, X, torch.tensor(cam.K, dtype=torch.float64)
+
+    def _host_input(self, img: np.ndarray) -> torch.Tensor:
+        """CPU tensor to upload for a prepared image: (h, w) float32 grey (the grey weights of
+        :func:`normalise_image`) for a grey network, else the (h, w, 3) uint8 image."""
         if self.config.in_channels == 1:
-            grey = (img.astype(np.float32) * (_GREY_WEIGHTS / 255.0)).sum(-1, dtype=np.float32)
-            x = torch.from_numpy(grey).to(self.device)[None, None]
-            x = (x - IMAGE_MEAN) / IMAGE_STD
+            return torch.from_numpy((img.astype(np.float32) * (_GREY_WEIGHTS / 255.0)).sum(-1, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(img))
+
+    def _scene_coordinates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uploaded :meth:`_host_input` -> uv (N, 2) cell pixels and X (N, 3) float32 world points."""
+        if self.config.in_channels == 1:
+            x = (t[None, None] - IMAGE_MEAN) / IMAGE_STD
         else:
-            x = torch.from_numpy(img).to(self.device).permute(2, 0, 1).unsqueeze(0)
-            x = normalise_image(x, self.config.in_channels)
+            x = normalise_image(t.permute(2, 0, 1).unsqueeze(0), self.config.in_channels)
         # float32 on every device: no per-layer weight casts (launches) and no fp16 range
         # risk for a network trained under bf16; cuDNN may still use TF32 for the convolutions.
         pred = self.net(x)[0]
         h, w = pred.shape[1:]
         X = pred.permute(1, 2, 0).reshape(-1, 3).float()
         # every cell centre (8 j, 8 i) lies inside the image: 8 (ceil(W / 8) - 1) <= W - 1
-        return self._pixel_grid(h, w), X, torch.tensor(cam.K, dtype=torch.float64)
+        return self._pixel_grid(h, w), X
+
+    def _captured(self, t: torch.Tensor, intr: tuple, sets: torch.Tensor, rc: RansacConfig):
+        """The CUDA graph of network + RANSAC for this input shape and camera (None when capture failed)."""
+        key = (tuple(t.shape), t.dtype, intr, tuple(sets.shape), rc)
+        if key not in self._graphs:
+            from recon_slam.models.mast3r.cuda_graphs import CapturedCall
+
+            thr = self.config.threshold
+
+            def run(t_, sets_):
+                uv, X = self._scene_coordinates(t_)
+                return ransac_on_device(uv, X, intr, thr, rc, sets_)
+
+            try:
+                self._graphs[key] = CapturedCall(run, [t, sets])
+            except Exception as exc:  # noqa: BLE001 - eager calls still work
+                log.warning("CUDA graph capture of the relocaliser failed (%s): running it eagerly", exc)
+                self._graphs[key] = None
+        return self._graphs[key]
 
     @torch.no_grad()
     def localize(self, image: np.ndarray, camera: PinholeCamera, seed: Optional[int] = None) -> RelocResult:
@@ -166,12 +205,33 @@ class Relocaliser:
         """
         t0 = time.perf_counter()
         cfg = self.config
-        uv, X, K = self.predict(image, camera)
+        img, cam = self._prepare(image, camera)
+        t = self._host_input(img).to(self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(cfg.seed if seed is None else seed))
         rc = RansacConfig(hypotheses=cfg.hypotheses, refine_iterations=cfg.refine_iterations)
-        res = ransac_pnp(uv, X, K, cfg.threshold, rc, generator=gen)
-        n = int(uv.shape[0])
+        intr = (float(cam.fx), float(cam.fy), float(cam.cx), float(cam.cy))
+        n = self._cells.get(tuple(t.shape))
+        sets = summary = None
+        if self.cuda_graphs and self.device.type == "cuda" and n is not None:
+            sets = draw_sets(n, rc, self.device, gen)  # the sets ransac_pnp would draw
+            with self._graph_lock:
+                g = self._captured(t, intr, sets, rc)
+                if g is not None:
+                    summary, mask = g(t, sets)
+                    summary, mask = summary.cpu(), mask.clone()  # (the graph's buffers are reused)
+        if summary is None:
+            uv, X = self._scene_coordinates(t)
+            n = int(uv.shape[0])
+            self._cells[tuple(t.shape)] = n
+            if n >= 4:
+                sets = draw_sets(n, rc, self.device, gen) if sets is None else sets
+                summary, mask = ransac_on_device(uv, X, intr, cfg.threshold, rc, sets,
+                                                 early_exit=self.device.type == "cpu")
+        if summary is None:  # fewer than 4 cells: nothing to solve
+            res = RansacResult(None, 0, torch.zeros(n, dtype=torch.bool), 0.0, 0)
+        else:
+            res = parse_summary(summary.cpu(), mask, rc)
         conf = res.inliers / max(n, 1)
         cand = None if res.T_cam_world is None else invert_pose(res.T_cam_world).numpy()
         if cand is None:
