@@ -180,6 +180,7 @@ class Mast3rPredictor(PointmapPredictor):
         self._net_lock = threading.RLock()  # network calls (graph replays share static buffers)
         self._graphs: dict[tuple, Any] = {}
         self._graph_event = None  # CUDA event after the last graph use (graphs shared by streams)
+        self.compile = False  # set by _setup_network for our network (mono.compile)
         self.precision, self.cuda_graphs = self._setup_network()
         self.pipeline = bool(getattr(self.mono, "pipeline", True))
         self._pending = None  # (frame index, keyframe frame index, done event, [prediction])
