@@ -223,7 +223,7 @@ class Mast3rPredictor(PointmapPredictor):
         graphs = bool(self.mono.cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available())
         #: compile the network's blocks for the graph captures (never for eager calls: the
         #: backend's batched decodes come in many shapes, each would compile again)
-        self.compile = bool(graphs and self.mono.compile and hasattr(net, "compile_blocks"))
+        self.compile = bool(graphs and self.mono.compile)
         return prec, graphs
 
     def _graph(self, kind: str, hw: tuple[int, int], token_dtype: torch.dtype):

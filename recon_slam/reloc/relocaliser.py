@@ -172,7 +172,7 @@ class Relocaliser:
 
     def _captured(self, t: torch.Tensor, intr: tuple, sets: torch.Tensor, rc: RansacConfig):
         """The CUDA graph of network + RANSAC for this input shape and camera (None when capture failed)."""
-        key = (tuple(t.shape), t.dtype, intr, tuple(sets.shape), rc)
+        key = (tuple(t.shape), t.dtype, intr, rc)  # (the sets' shape follows from rc)
         if key not in self._graphs:
             from recon_slam.models.mast3r.cuda_graphs import CapturedCall
 
