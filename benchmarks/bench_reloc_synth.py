@@ -1,8 +1,9 @@
 """ACE-style relocaliser on the synthetic room: accuracy, speed, map size, wrong answers.
 
     python benchmarks/bench_reloc_synth.py [--device auto|cpu|cuda] [--map-frames 500]
-        [--queries 200] [--wrong 200] [--width 320 --height 240] [--timing-frames 20]
-        [--no-depth-noise] [--set iterations=3000 --set max_seconds=40 ...] [--out reloc_synth]
+        [--queries 200] [--query-trajectory revisit|reloc] [--wrong 200]
+        [--width 320 --height 240] [--timing-frames 20] [--no-depth-noise]
+        [--set iterations=3000 --set max_seconds=40 ...] [--out reloc_synth]
 
 Steps (progress is printed as it goes):
 
@@ -14,10 +15,24 @@ Steps (progress is printed as it goes):
    optimisation gets ``max_seconds=40`` unless ``--set max_seconds=...`` says otherwise
    (the time-based schedule still anneals); the mapping time includes resizing, novel
    view synthesis and upload;
-3. queries: ``--queries`` frames of the ``reloc`` trajectory (other positions, heights
-   and gaze through the same room): share within 5 cm / 5 deg (accepted poses only: a
-   rejected query counts as a failure), median translation / rotation error;
-4. timing per 640x480 frame: ``--timing-frames`` reloc frames rendered at 640x480,
+3. queries: ``--queries`` frames of the second trajectory: share within 5 cm / 5 deg
+   (accepted poses only: a rejected query counts as a failure), median translation /
+   rotation error. The second trajectory (``--query-trajectory revisit``, the default)
+   is :func:`recon_slam.synth.trajectories.revisit_trajectory` of the map's loop: a second
+   pass through the mapped space along another path, as in 7-Scenes (separate recordings
+   of the same space): another phase and sampling, 5-20 cm off the map's path (smooth
+   sideways / vertical offsets, never closer than 5 cm, so no query coincides with a map
+   frame), with its own heading (+-10 deg), pitch (+-6 deg) and roll (+-4 deg)
+   deviations. The results hold the distribution of query-to-nearest-map-frame distances
+   and angles and the share of query pixels whose surface some map frame saw
+   (``query_geometry``). ``--query-trajectory reloc`` uses the ``reloc`` trajectory
+   instead, the benchmark's earlier query set: a figure-of-eight 30 cm lower, inside the
+   loop, 0.8-1.1 m from the nearest map frame and 0.9-2.2 m from the nearest one looking
+   the same way, with about 40 % of its pixels on surfaces no map frame saw (floor and
+   table areas): it measures extrapolation to views far from every map frame rather than
+   relocalisation in a mapped space. ``--revisit-offset 0.1,0.35 --revisit-yaw 15`` makes
+   the second pass wander further (10-35 cm, +-15 deg);
+4. timing per 640x480 frame: ``--timing-frames`` query frames rendered at 640x480,
    ``localize`` timed end to end (resize, network, RANSAC) on the mapping device and, on
    a copy of the map, on the CPU with 2 threads;
 5. wrong answers: ``--wrong`` frames of another scene (``room_b``, its ``reloc`` and
@@ -221,12 +236,92 @@ def cpu_threads_block(reloc: Relocaliser, frames, threads: int = 2) -> dict:
         torch.set_num_threads(old)
 
 
+# ---------------------------------------------------------------------------- query set
+def render_frames(scene, camera, poses, seed: int = 0):
+    """Frames (RGB, exact depth, ground truth) of ``scene`` seen from ``poses``."""
+    from recon_slam.io.frame import Frame
+    from recon_slam.synth import render
+
+    out = []
+    for i, T in enumerate(poses):
+        r = render(scene, camera, T)
+        out.append(Frame(index=i, stamp=i / 30.0, image=r.image, camera=camera, depth=r.depth,
+                         T_world_cam_gt=np.asarray(T).copy()))
+    return out
+
+
+def query_poses(kind: str, map_seq, n: int, seed: int, offset_m=(0.05, 0.2), yaw_deg: float = 10.0) -> np.ndarray:
+    """Poses of the query trajectory ``kind`` ("revisit" or "reloc") for the map ``map_seq``."""
+    from recon_slam.synth.trajectories import make_trajectory, revisit_trajectory
+
+    if kind == "revisit":
+        return revisit_trajectory(map_seq.poses, n, map_seq.scene, seed=seed, offset_m=tuple(offset_m),
+                                  yaw_deg=yaw_deg)
+    return make_trajectory(kind, n, map_seq.scene, seed)
+
+
+def _rotation_deg(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
+    c = (np.einsum("...ji,...ji->...", Ra, Rb) - 1.0) / 2.0  # trace(Ra^T Rb)
+    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
+def query_geometry(map_frames, query_frames, camera, every: int = 4) -> dict:
+    """How the queries relate to the map: distance and angle to the nearest map frames,
+    and the share of query cells (stride 16) on surfaces some map frame saw (depth of the
+    map frames, 3 % tolerance; holes count as unseen)."""
+    Tm = np.stack([f.T_world_cam_gt for f in map_frames])
+    Tq = np.stack([f.T_world_cam_gt for f in query_frames])
+    d = np.linalg.norm(Tq[:, None, :3, 3] - Tm[None, :, :3, 3], axis=-1)
+    near = d.argmin(1)
+    ang_near = _rotation_deg(Tq[:, :3, :3], Tm[near, :3, :3])
+    ang_min = _rotation_deg(Tq[:, None, :3, :3], Tm[None, :, :3, :3]).min(1)
+    map_depth = [f.depth for f in map_frames]
+    seen = []
+    for f in query_frames[::every]:
+        D = f.depth
+        v, u = np.mgrid[8 : camera.height : 16, 8 : camera.width : 16]
+        z = D[v, u].reshape(-1)
+        ok = z > 0
+        pc = np.stack(((u.reshape(-1) - camera.cx) / camera.fx * z, (v.reshape(-1) - camera.cy) / camera.fy * z, z), -1)
+        X = pc[ok] @ f.T_world_cam_gt[:3, :3].T + f.T_world_cam_gt[:3, 3]
+        hit = np.zeros(len(X), bool)
+        for T, Dm in zip(Tm, map_depth):
+            q = (X - T[:3, 3]) @ T[:3, :3]
+            zq = q[:, 2]
+            front = zq > 0.1
+            uq = camera.fx * q[:, 0] / np.where(front, zq, 1.0) + camera.cx
+            vq = camera.fy * q[:, 1] / np.where(front, zq, 1.0) + camera.cy
+            inside = front & (uq >= 0) & (uq <= camera.width - 1) & (vq >= 0) & (vq <= camera.height - 1)
+            ui = np.clip(np.round(uq).astype(int), 0, camera.width - 1)
+            vi = np.clip(np.round(vq).astype(int), 0, camera.height - 1)
+            hit |= inside & (np.abs(Dm[vi, ui] - zq) < 0.03 * np.maximum(zq, 1e-6))
+        seen.append(hit.mean() if len(hit) else 0.0)
+
+    def pct(x):
+        return {p: round(float(np.percentile(x, int(p[1:]))), 4) for p in ("p0", "p10", "p50", "p90", "p100")}
+
+    return {
+        "nearest_map_frame_distance_m": pct(d.min(1)),
+        "angle_to_nearest_map_frame_deg": pct(ang_near),
+        "smallest_angle_to_any_map_frame_deg": pct(ang_min),
+        "queries_closer_than_1cm_and_1deg_to_a_map_frame": int(np.sum((d < 0.01) & (_rotation_deg(
+            Tq[:, None, :3, :3], Tm[None, :, :3, :3]) < 1.0))),
+        "share_of_query_cells_seen_by_the_map": pct(np.array(seen)),
+        "queries_sampled_for_coverage": len(seen),
+    }
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     ap.add_argument("--map-frames", type=int, default=500)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--query-trajectory", default="revisit", choices=("revisit", "reloc"),
+                    help="revisit (default): a second pass through the mapped space; reloc: the old figure-of-eight")
+    ap.add_argument("--revisit-offset", default="0.05,0.2",
+                    help="revisit: smallest,largest distance to the map's path in metres")
+    ap.add_argument("--revisit-yaw", type=float, default=10.0, help="revisit: largest heading deviation (deg)")
     ap.add_argument("--wrong", type=int, default=200, help="frames of room_b (half reloc, half loop)")
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--height", type=int, default=240)
@@ -236,6 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="RelocConfig override key=value (repeatable)")
     ap.add_argument("--out", default=None, help="results name (default reloc_synth_<device>)")
     args = ap.parse_args(argv)
+    revisit_offset = [float(x) for x in args.revisit_offset.split(",")]
 
     from recon_slam.synth import SyntheticSequence
 
@@ -250,11 +346,15 @@ def main(argv=None) -> int:
     map_seq = SyntheticSequence("room", "loop", frames=args.map_frames, width=args.width, height=args.height,
                                 seed=args.seed, depth_noise=not args.no_depth_noise)
     map_frames = list(map_seq)
-    q_seq = SyntheticSequence("room", "reloc", frames=args.queries, width=args.width, height=args.height,
-                              seed=args.seed)
-    q_frames = list(q_seq)
-    print(f"rendered {len(map_frames)} map + {len(q_frames)} query frames in {time.perf_counter() - t:.1f} s",
-          flush=True)
+    q_T = query_poses(args.query_trajectory, map_seq, args.queries, args.seed, revisit_offset, args.revisit_yaw)
+    q_frames = render_frames(map_seq.scene, map_seq.camera, q_T)
+    print(f"rendered {len(map_frames)} map + {len(q_frames)} query frames ({args.query_trajectory}) in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    geometry = query_geometry(map_frames, q_frames, map_seq.camera)
+    print(f"queries vs map: nearest map frame {geometry['nearest_map_frame_distance_m']} m, angle to it "
+          f"{geometry['angle_to_nearest_map_frame_deg']} deg, share of query cells the map saw "
+          f"{geometry['share_of_query_cells_seen_by_the_map']} ({time.perf_counter() - t:.1f} s)", flush=True)
 
     print("mapping ...", flush=True)
     reloc, stats = train_relocaliser(map_frames, cfg, device=device, progress=progress_printer())
@@ -262,15 +362,16 @@ def main(argv=None) -> int:
     print(f"mapping done: {stats.seconds:.1f} s ({stats.iterations} steps, train {stats.train_seconds:.1f} s), "
           f"median 3D error on map frames {100 * (stats.median_3d_error_m or float('nan')):.2f} cm", flush=True)
 
-    print("queries (reloc trajectory) ...", flush=True)
-    q = evaluate_queries(reloc, q_frames, "reloc")
+    print(f"queries ({args.query_trajectory} trajectory) ...", flush=True)
+    q = evaluate_queries(reloc, q_frames, args.query_trajectory)
     print(f"  within 5 cm / 5 deg: {q['within_5cm_5deg_pct']} %, median {q['median_t_err_cm']} cm / "
           f"{q['median_r_err_deg']} deg, accepted {q['accepted_pct']} %", flush=True)
 
     print("timing at 640x480 ...", flush=True)
     n_t = max(2, args.timing_frames)
-    t_seq = SyntheticSequence("room", "reloc", frames=max(n_t, 2), width=640, height=480, seed=args.seed)
-    t_frames = list(t_seq)
+    t_cam = SyntheticSequence("room", "loop", frames=2, width=640, height=480, seed=args.seed).camera
+    t_frames = render_frames(map_seq.scene, t_cam, query_poses(args.query_trajectory, map_seq, n_t, args.seed,
+                                                                   revisit_offset, args.revisit_yaw))
     timing = {device: time_localize(reloc, t_frames)}
     acc640 = summarise([{"ok": r.ok, "t_err_m": e[0], "r_err_deg": e[1], "inliers": r.inliers,
                          "confidence": r.confidence, "ms": r.time_ms}
@@ -310,15 +411,19 @@ def main(argv=None) -> int:
         if args.map_frames >= 500:
             bars["mapping_500_le_60s"] = stats.seconds <= 60.0
     results = {
-        "benchmark": "ACE-style relocaliser, synthetic room (map: loop, queries: reloc, wrong: room_b)",
+        "benchmark": f"ACE-style relocaliser, synthetic room (map: loop, queries: {args.query_trajectory}, "
+                     "wrong: room_b)",
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "settings": {"device": device, "map_frames": args.map_frames, "queries": args.queries,
+                     "query_trajectory": args.query_trajectory, "revisit_offset_m": revisit_offset,
+                     "revisit_yaw_deg": args.revisit_yaw,
                      "wrong": args.wrong, "size": f"{args.width}x{args.height}",
                      "depth_noise": not args.no_depth_noise, "seed": args.seed,
                      "load_average": [round(x, 2) for x in os.getloadavg()]},
         "config": cfg.to_dict(),
         "mapping": {k: v for k, v in stats.to_dict().items() if k != "history"},
         "mapping_history": stats.history,
+        "query_geometry": geometry,
         "queries": q,
         "queries_640x480": acc640,
         "timing": timing,

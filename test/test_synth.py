@@ -21,7 +21,7 @@ from recon_slam.synth import (
     render,
     write_tum_folder,
 )
-from recon_slam.synth.trajectories import camera_pose, step_motion
+from recon_slam.synth.trajectories import camera_pose, revisit_trajectory, step_motion
 
 
 def _camera(w=80, h=60, fov=65.0) -> PinholeCamera:
@@ -338,6 +338,30 @@ def test_loop_closes_and_reloc_differs(room):
     # overlapping views: reloc optical axes point in directions the loop also looks at
     ang = np.degrees(np.arccos(np.clip(reloc[:, :3, 2] @ loop[:, :3, 2].T, -1, 1))).min(axis=1)
     assert np.median(ang) < 10
+
+
+def test_revisit_is_a_second_pass_near_the_reference(room):
+    """The relocalisation query pass: every pose 5-20 cm off the mapping path (none coincides
+    with a mapping frame), gaze within the set deviations, clear of surfaces, smooth, seeded."""
+    loop = make_trajectory("loop", 200, room, seed=0)
+    rv = revisit_trajectory(loop, 120, room, seed=0)
+    assert rv.shape == (120, 4, 4)
+    np.testing.assert_allclose(rv[:, :3, :3] @ rv[:, :3, :3].transpose(0, 2, 1), np.broadcast_to(np.eye(3), (120, 3, 3)),
+                               atol=1e-9)
+    d = np.linalg.norm(rv[:, None, :3, 3] - loop[None, :, :3, 3], axis=-1).min(axis=1)
+    assert d.max() < 0.2 + 0.02  # near the mapped path (the path is sampled, so a little slack)
+    assert np.median(d) > 0.05  # but off it
+    assert room.distance(rv[:, :3, 3]).min() >= 0.44
+    ang = np.degrees(np.arccos(np.clip(np.einsum("qi,mi->qm", rv[:, :3, 2], loop[:, :3, 2]), -1, 1))).min(axis=1)
+    assert ang.max() < 15.0  # looks where the map looked
+    dt, dr = step_motion(rv)
+    assert dt.max() < 0.1 and dr.max() < 6.0  # a smooth path, not scattered poses
+    np.testing.assert_array_equal(rv, revisit_trajectory(loop, 120, room, seed=0))
+    assert np.abs(rv - revisit_trajectory(loop, 120, room, seed=1)).max() > 0.05
+    with pytest.raises(InputError):
+        revisit_trajectory(loop[:1], 10, room)
+    with pytest.raises(InputError):
+        revisit_trajectory(loop, 10, room, offset_m=(0.3, 0.1))
 
 
 def test_trajectory_seed_and_short_sequences(room):

@@ -233,6 +233,19 @@ class Batch:
     scale: float
 
 
+@dataclass
+class Draws:
+    """Random numbers of one batch (all (B,) on the training device): frame indices
+    (int64) and uniform [0, 1) draws of the rotation, window shift, gain and contrast."""
+
+    idx: torch.Tensor
+    theta: torch.Tensor
+    shift_x: torch.Tensor
+    shift_y: torch.Tensor
+    gain: torch.Tensor
+    contrast: torch.Tensor
+
+
 class TrainingBuffer:
     """Mapping frames on the training device and an augmented batch sampler.
 
@@ -297,9 +310,6 @@ class TrainingBuffer:
     def has_depth(self) -> bool:
         return self.depths is not None
 
-    def _rand(self, *shape) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.generator, device=self.device)
-
     def canvas_size(self, scale: float) -> tuple[int, int]:
         """(Hc, Wc) of a batch at ``scale``: the scaled image, at most the base size, multiples of 8."""
         s = min(scale, 1.0)
@@ -314,32 +324,58 @@ class TrainingBuffer:
             seen.setdefault(self.canvas_size(float(s)), level)
         return list(seen.values())
 
+    def pick_level(self) -> int:
+        """A random scale level (index into ``scales``), drawn on the host: no device sync."""
+        return int(self._host_rng.integers(len(self.scales)))
+
+    def draw(self, batch_size: int, out: Optional[Draws] = None) -> Draws:
+        """The random numbers of one batch, from the sampler's generator (on the device).
+
+        ``out`` (a previous :class:`Draws` of the same ``batch_size``) is filled in place
+        instead of allocating: a captured training step reads its tensors.
+        """
+        B, g, dev = int(batch_size), self.generator, self.device
+        if out is None:
+            out = Draws(*(torch.empty(B, dtype=torch.long if k == 0 else torch.float32, device=dev)
+                          for k in range(6)))
+        torch.randint(0, self.n, (B,), generator=g, device=dev, out=out.idx)
+        for t in (out.theta, out.shift_x, out.shift_y, out.gain, out.contrast):
+            torch.rand(B, generator=g, device=dev, out=t)
+        return out
+
     def sample(self, batch_size: int, level: Optional[int] = None) -> Batch:
         """Draw one augmented batch of ``batch_size`` images (random frames, one scale).
 
         ``level`` picks the scale (index into ``scales``) instead of a random one.
         """
-        dev, B = self.device, int(batch_size)
-        g = self.generator
         if level is None:
-            level = int(self._host_rng.integers(len(self.scales)))  # host-side: no device sync
+            level = self.pick_level()
+        return self.sample_from(self.draw(batch_size), level)
+
+    def sample_from(self, draws: Draws, level: int) -> Batch:
+        """The augmented batch of ``draws`` (:meth:`draw`) at scale level ``level``.
+
+        Device work only (no host-to-device copy, no sync), so it can run inside a CUDA graph.
+        """
+        dev = self.device
+        B = int(draws.idx.shape[0])
         s = float(self.scales[level])
         Hc, Wc = self.canvas_size(s)
-        idx = torch.randint(0, self.n, (B,), generator=g, device=dev)
-        theta = (self._rand(B) * 2 - 1) * self.rotation
+        idx = draws.idx
+        theta = (draws.theta * 2 - 1) * self.rotation
         cos, sin = torch.cos(theta), torch.sin(theta)
         # source centre: image centre plus a random shift keeping the window inside the image
         span_x = max(0.0, (self.W - Wc / s) / 2.0)
         span_y = max(0.0, (self.H - Hc / s) / 2.0)
-        cx = (self.W - 1) / 2.0 + (self._rand(B) * 2 - 1) * span_x
-        cy = (self.H - 1) / 2.0 + (self._rand(B) * 2 - 1) * span_y
+        cx = (self.W - 1) / 2.0 + (draws.shift_x * 2 - 1) * span_x
+        cy = (self.H - 1) / 2.0 + (draws.shift_y * 2 - 1) * span_y
         # A maps canvas offsets to source offsets: (1/s) R(theta)
         A = torch.stack((torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), -2) / s  # (B, 2, 2)
         c_src = torch.stack((cx, cy), -1)  # (B, 2)
-        c_can = torch.tensor([(Wc - 1) / 2.0, (Hc - 1) / 2.0], device=dev)
+        cu0, cv0 = (Wc - 1) / 2.0, (Hc - 1) / 2.0  # canvas centre
 
         def to_source(q: torch.Tensor) -> torch.Tensor:  # q (..., 2) canvas pixels -> (B, ..., 2)
-            d = (q - c_can).reshape(1, -1, 2)
+            d = torch.stack((q[..., 0] - cu0, q[..., 1] - cv0), -1).reshape(1, -1, 2)
             p = torch.einsum("bij,bnj->bni", A, d.expand(B, -1, -1)) + c_src[:, None]
             return p.reshape(B, *q.shape[:-1], 2)
 
@@ -357,8 +393,8 @@ class TrainingBuffer:
                               align_corners=False)[:, 0]
             inside = inside & (m > 0.5)
         # photometric jitter (brightness: gain, contrast: blend with the image mean)
-        gain = 1.0 + (self._rand(B, 1, 1, 1) * 2 - 1) * self.brightness
-        con = 1.0 + (self._rand(B, 1, 1, 1) * 2 - 1) * self.contrast
+        gain = 1.0 + (draws.gain.view(B, 1, 1, 1) * 2 - 1) * self.brightness
+        con = 1.0 + (draws.contrast.view(B, 1, 1, 1) * 2 - 1) * self.contrast
         mean = img.mean(dim=(1, 2, 3), keepdim=True)
         img = ((img * gain - mean) * con + mean).clamp(0, 1)
         x = normalise_image(img, self.in_channels)

@@ -75,6 +75,10 @@ class RelocConfig:
         amp_dtype: its dtype, "bfloat16" (default: no loss scaling, so no host read per
             step, and no overflow) or "float16" (with a GradScaler). The output layer runs
             in float32 either way; inference (``localize``) runs in float32.
+        cuda_graphs: on CUDA (bf16 or float32), capture the whole training step (batch
+            sampling, forward, loss, backward, AdamW) as one CUDA graph per scale level and
+            replay it: the step is otherwise bound by Python and kernel-launch overhead, not
+            by the GPU. Falls back to eager steps (with a warning) if capture fails.
         seed: seed of the initialisation and sampling.
 
     Relocalisation:
@@ -84,7 +88,7 @@ class RelocConfig:
             least that many inliers and that fraction of the cells.
     """
 
-    encoder_widths: tuple[int, int, int, int, int] = (16, 32, 64, 128, 256)
+    encoder_widths: tuple[int, int, int, int, int] = (32, 64, 128, 256, 256)
     head_width: int = 256
     head_blocks: int = 1
     in_channels: int = 3
@@ -93,7 +97,7 @@ class RelocConfig:
 
     short_side: int = 240
     iterations: int = 10000
-    batch_images: int = 16
+    batch_images: int = 32
     max_seconds: Optional[float] = None
     lr_max: float = 3e-3
     lr_start_div: float = 10.0
@@ -112,6 +116,7 @@ class RelocConfig:
     reprojection_all_from: float = 1.0
     mixed_precision: bool = True
     amp_dtype: str = "bfloat16"
+    cuda_graphs: bool = True
     seed: int = 0
 
     hypotheses: int = 64
@@ -169,6 +174,7 @@ class TrainStats:
         loss: mean loss over the last 10 % of the steps.
         median_3d_error_m: median 3D error on the un-augmented mapping frames (cells with
             depth), or None without depth.
+        cuda_graphs: the steps ran as captured CUDA graphs (see ``RelocConfig.cuda_graphs``).
         history: (step, loss, lr) every ``log_every`` steps.
     """
 
@@ -181,6 +187,7 @@ class TrainStats:
     loss: float = float("nan")
     median_3d_error_m: Optional[float] = None
     device: str = "cpu"
+    cuda_graphs: bool = False
     history: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,7 +213,8 @@ def scene_coordinate_loss(
     Args:
         pred: (B, 3, h, w) predicted world points.
         batch: :class:`recon_slam.reloc.buffer.Batch`.
-        t: training progress in [0, 1] (sets the reprojection tolerance).
+        t: training progress in [0, 1] (sets the reprojection tolerance): a float, or a
+            0-d float32 tensor on ``pred``'s device (a captured step reads it).
         cfg: settings.
 
     Returns:
@@ -218,7 +226,8 @@ def scene_coordinate_loss(
     n_cells = valid.sum().clamp_min(1)
     e3 = (X - batch.xyz).norm(dim=-1)
     l3 = torch.where(m3, e3, torch.zeros_like(e3)).sum()
-    use_rep = valid & (~batch.has_xyz | (t >= cfg.reprojection_all_from))
+    tt = torch.as_tensor(t, dtype=torch.float32, device=pred.device)
+    use_rep = valid & (~batch.has_xyz | (tt >= cfg.reprojection_all_from))
     lrep = torch.zeros((), device=pred.device)
     if cfg.reprojection_weight > 0:
         R = batch.T_cam_world[:, None, None, :3, :3]
@@ -232,7 +241,7 @@ def scene_coordinate_loss(
         e = torch.sqrt((u - batch.uv[..., 0]) ** 2 + (v - batch.uv[..., 1]) ** 2 + 1e-12)
         good = (z > 0.1) & (z < 1000.0) & (e < 1000.0)
         scale = cfg.short_side / 480.0
-        tau = (math.sqrt(max(0.0, 1.0 - t * t)) * 50.0 + 1.0) * scale
+        tau = (torch.sqrt((1.0 - tt * tt).clamp_min(0.0)) * 50.0 + 1.0) * scale
         f = 0.5 * (K[..., 0, 0] + K[..., 1, 1])
         l_good = tau * torch.tanh(e / tau) / f
         ray = torch.stack(
@@ -312,9 +321,13 @@ def train_relocaliser(
     cudnn_benchmark = torch.backends.cudnn.benchmark
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr_max / cfg.lr_start_div, weight_decay=cfg.weight_decay,
-                            fused=dev.type == "cuda")
+    steps = None
+    if cfg.cuda_graphs and dev.type == "cuda" and amp_dtype != torch.float16:  # (GradScaler needs host reads)
+        steps = _CapturedSteps.build(net, buf, cfg, amp_dtype)
+    opt = steps.opt if steps is not None else torch.optim.AdamW(
+        net.parameters(), lr=cfg.lr_max / cfg.lr_start_div, weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
     stats = TrainStats(frames=n_real, virtual_frames=len(frames) - n_real, device=str(dev))
+    cuda_graphs = steps is not None
     losses: list[torch.Tensor] = []
     cells = 0.0
     step = 0
@@ -323,7 +336,7 @@ def train_relocaliser(
         # Batches come in several canvas sizes (scale augmentation): cuDNN autotuning would
         # benchmark every new size inside the timed loop; its heuristics are enough here.
         torch.backends.cudnn.benchmark = False
-        if cfg.max_seconds:
+        if cfg.max_seconds and steps is None:
             _warm_up(net, buf, cfg, dev, amp_dtype)
         t_train = time.perf_counter()
         while step < cfg.iterations:
@@ -333,6 +346,14 @@ def train_relocaliser(
             if t >= 1.0:
                 break
             lr = cfg.lr_max * _lr_factor(t, cfg)
+            if steps is not None:
+                loss, info = steps.step(t, lr)
+                step += 1
+                losses.append(loss)
+                cells = cells + info["cells"]
+                if step % log_every == 0 or step == cfg.iterations:
+                    _report(stats, progress, step, cfg, losses, log_every, lr, info, t0)
+                continue
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
             batch = buf.sample(cfg.batch_images)
@@ -350,17 +371,14 @@ def train_relocaliser(
             losses.append(loss.detach())
             cells = cells + info["cells"]
             if step % log_every == 0 or step == cfg.iterations:
-                recent = torch.stack(losses[-log_every:]).mean()
-                rec = {"step": step, "steps": cfg.iterations, "loss": float(recent), "lr": lr,
-                       "l3d": float(info["l3d"]), "lrep": float(info["lrep"]), "seconds": time.perf_counter() - t0}
-                stats.history.append([step, rec["loss"], lr])
-                if progress is not None:
-                    progress(rec)
+                _report(stats, progress, step, cfg, losses, log_every, lr, info, t0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         stats.train_seconds = time.perf_counter() - t_train
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        del steps  # frees the graphs' memory pool
+    stats.cuda_graphs = cuda_graphs
     stats.iterations = step
     stats.cells_per_step = float(cells) / max(step, 1)
     tail = losses[-max(1, len(losses) // 10):]
@@ -374,6 +392,99 @@ def train_relocaliser(
         progress({"step": step, "steps": cfg.iterations, "loss": stats.loss, "lr": 0.0, "seconds": stats.seconds,
                   "done": True})
     return reloc, stats
+
+
+def _report(stats: TrainStats, progress, step: int, cfg: RelocConfig, losses: list, log_every: int, lr: float,
+            info: dict, t0: float) -> None:
+    """Record (and pass to ``progress``) the mean loss of the last ``log_every`` steps."""
+    recent = torch.stack(losses[-log_every:]).mean()
+    rec = {"step": step, "steps": cfg.iterations, "loss": float(recent), "lr": lr,
+           "l3d": float(info["l3d"]), "lrep": float(info["lrep"]), "seconds": time.perf_counter() - t0}
+    stats.history.append([step, rec["loss"], lr])
+    if progress is not None:
+        progress(rec)
+
+
+class _CapturedSteps:
+    """The training step as CUDA graphs: one per scale level of the buffer, sharing one memory pool.
+
+    Each graph holds batch sampling (:meth:`TrainingBuffer.sample_from` on static
+    :class:`~recon_slam.reloc.buffer.Draws`), the forward pass under autocast, the loss,
+    the backward pass and a fused, capturable AdamW step whose learning rate is a device
+    tensor. Per step the host draws the random numbers into the static tensors (same
+    generator as the eager path), fills the progress and learning-rate scalars and replays
+    the level's graph: a handful of launches instead of hundreds. The graphs run one at a
+    time and nothing they leave behind is read after another one ran (the loss and cell
+    count are copied out at once), so they can share a pool.
+    """
+
+    def __init__(self, net: SceneCoordinateNet, buf: TrainingBuffer, cfg: RelocConfig,
+                 amp_dtype: Optional[torch.dtype]) -> None:
+        dev = buf.device
+        self.buf, self.cfg, self.net, self.amp_dtype = buf, cfg, net, amp_dtype
+        self.lr = torch.full((), cfg.lr_max / cfg.lr_start_div, device=dev)
+        self.t = torch.zeros((), device=dev)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=cfg.weight_decay, fused=True,
+                                     capturable=True)
+        self.draws = buf.draw(cfg.batch_images)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.out: dict[int, tuple[torch.Tensor, dict]] = {}
+
+    def _body(self, level: int) -> tuple[torch.Tensor, dict]:
+        batch = self.buf.sample_from(self.draws, level)
+        x = batch.images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None, cache_enabled=False):
+            pred = self.net(x)
+        loss, info = scene_coordinate_loss(pred, batch, self.t, self.cfg)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), info
+
+    @classmethod
+    def build(cls, net, buf, cfg, amp_dtype) -> Optional["_CapturedSteps"]:
+        """Warm up (learning rate 0: the weights do not move) and capture every level; None
+        (with a warning) when capturing fails, e.g. on an unsupported driver."""
+        import warnings
+
+        try:
+            self = cls(net, buf, cfg, amp_dtype)
+            lr0 = float(self.lr)
+            self.lr.zero_()
+            side = torch.cuda.Stream(buf.device)
+            side.wait_stream(torch.cuda.current_stream(buf.device))
+            with torch.cuda.stream(side):  # lazy initialisation (optimiser state, cuDNN / cuBLAS handles)
+                for level in range(len(buf.scales)):
+                    buf.draw(cfg.batch_images, out=self.draws)
+                    self._body(level)
+                    self.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(buf.device).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            for level in range(len(buf.scales)):
+                self.opt.zero_grad(set_to_none=True)  # each graph writes (not adds) its gradients
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.out[level] = self._body(level)
+                self.graphs[level] = g
+            self.lr.fill_(lr0)
+            torch.cuda.synchronize(buf.device)
+            return self
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager steps
+            warnings.warn(f"relocaliser training: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                          "training with eager steps (slower; set cuda_graphs=False to skip the attempt)",
+                          RuntimeWarning, stacklevel=3)
+            net.zero_grad(set_to_none=True)
+            return None
+
+    def step(self, t: float, lr: float) -> tuple[torch.Tensor, dict]:
+        """One training step at progress ``t`` and learning rate ``lr``; (loss copy, diagnostics)."""
+        level = self.buf.pick_level()
+        self.buf.draw(self.cfg.batch_images, out=self.draws)
+        self.t.fill_(t)
+        self.lr.fill_(lr)
+        self.graphs[level].replay()
+        loss, info = self.out[level]
+        return loss.clone(), {k: v.clone() for k, v in info.items()}
 
 
 def _warm_up(net: SceneCoordinateNet, buf: TrainingBuffer, cfg: RelocConfig, dev: torch.device,

@@ -16,6 +16,9 @@ Kinds:
         differently swaying gaze: other viewpoints of the same surfaces as ``loop``.
     ``handheld``: a smooth random walk of position and gaze with a small roll and speed
         changes, like a person carrying the camera.
+
+:func:`revisit_trajectory` builds a second pass along a given (mapping) trajectory, a few
+centimetres off it with its own gaze deviations: the relocalisation query set.
 """
 
 from __future__ import annotations
@@ -322,3 +325,115 @@ def make_trajectory(kind: str, n_frames: int, scene: Scene | str = "room", seed:
         if scene.distance(T[:, :3, 3]).min() >= _CLEARANCE - 0.1 and _views_ok(scene, T, every=max(1, n // 80)):
             return T
     raise RuntimeError(f"could not generate a hand-held trajectory in scene {scene.name!r}")
+
+
+# ---------------------------------------------------------------------------- second pass
+def revisit_trajectory(
+    reference: np.ndarray,
+    n_frames: int,
+    scene: Scene | str = "room",
+    seed: int = 0,
+    offset_m: tuple[float, float] = (0.05, 0.2),
+    yaw_deg: float = 10.0,
+    pitch_deg: float = 6.0,
+    roll_deg: float = 4.0,
+    closed: bool = True,
+) -> np.ndarray:
+    """A second pass through the space a reference trajectory covers (relocalisation queries).
+
+    The standard relocalisation setup (e.g. 7-Scenes: separate recordings in the same
+    space) maps one trajectory and queries another that revisits the mapped space along
+    a different path. This builds such a path from ``reference`` (the mapping
+    trajectory): it follows the reference at another phase and sampling (queries fall
+    between mapping frames), displaced by a smooth offset perpendicular to the direction
+    of travel (sideways and vertical, its length varying between ``offset_m[0]`` and
+    ``offset_m[1]``, spiralling around the reference path), with its own smooth heading,
+    pitch and roll deviations (up to ``yaw_deg``, ``pitch_deg``, ``roll_deg``). So no
+    query coincides with a mapping frame (every query is at least ``offset_m[0]`` off the
+    reference path) while the views show surfaces the mapping frames saw.
+
+    Args:
+        reference: (N, 4, 4) ``T_world_cam`` of the mapping trajectory (N >= 2).
+        n_frames: number of poses (>= 2).
+        scene: the scene (or its name), for the clearance check: offsets that would
+            bring the camera nearer than 0.45 m to a surface are shortened.
+        seed: random seed of the phase and of the deviations.
+        offset_m: (smallest, largest) distance to the reference path in metres.
+        yaw_deg, pitch_deg, roll_deg: largest gaze deviations from the reference.
+        closed: the reference is a closed loop (its last frame one step before the
+            first); the second pass then covers one full lap from a random phase.
+
+    Returns:
+        (n_frames, 4, 4) float64 ``T_world_cam``.
+    """
+    from scipy.spatial.transform import Rotation, Slerp
+
+    T_ref = np.asarray(reference, np.float64)
+    if T_ref.ndim != 3 or T_ref.shape[1:] != (4, 4) or len(T_ref) < 2:
+        raise InputError(f"reference must be (N, 4, 4) poses with N >= 2, got shape {T_ref.shape}")
+    n = int(n_frames)
+    if n < 2 or n != n_frames:
+        raise InputError(f"n_frames must be an integer >= 2, got {n_frames!r}")
+    lo, hi = (float(x) for x in offset_m)
+    if not 0.0 <= lo <= hi:
+        raise InputError(f"offset_m must be (smallest, largest) with 0 <= smallest <= largest, got {offset_m}")
+    if isinstance(scene, str):
+        scene = make_scene(scene, seed)
+    rng = np.random.default_rng([int(seed), 104729, len(T_ref), n])
+    N = len(T_ref)
+    # reference pose at a fractional frame index (linear position, slerp rotation)
+    if closed:
+        keys = np.arange(N + 1, dtype=np.float64)
+        P = np.concatenate((T_ref[:, :3, 3], T_ref[:1, :3, 3]))
+        R = Rotation.from_matrix(np.concatenate((T_ref[:, :3, :3], T_ref[:1, :3, :3])))
+        span = float(N)
+    else:
+        keys = np.arange(N, dtype=np.float64)
+        P, R = T_ref[:, :3, 3], Rotation.from_matrix(T_ref[:, :3, :3])
+        span = float(N - 1)
+    slerp = Slerp(keys, R)
+    u = np.arange(n) / n if closed else np.linspace(0.0, 1.0, n)
+    phase = rng.uniform(0.0, 1.0) if closed else 0.0
+    s = ((phase + u) % 1.0) * span
+    if not closed:
+        s = np.clip(s, 0.0, span)
+    pos = np.stack([np.interp(s, keys, P[:, k]) for k in range(3)], -1)
+    rot = slerp(s).as_matrix()
+    # direction of travel (finite difference along the reference), horizontal normal
+    ds = 0.25
+    ahead = np.stack([np.interp(np.clip(s + ds, 0, keys[-1]), keys, P[:, k]) for k in range(3)], -1)
+    behind = np.stack([np.interp(np.clip(s - ds, 0, keys[-1]), keys, P[:, k]) for k in range(3)], -1)
+    tangent = ahead - behind
+    side = np.cross(np.array([0.0, 0.0, 1.0]), tangent)
+    side_n = np.linalg.norm(side, axis=1, keepdims=True)
+    side = np.where(side_n > 1e-9, side / np.maximum(side_n, 1e-12), np.array([1.0, 0.0, 0.0]))
+
+    def smooth(cycles_lo: float, cycles_hi: float) -> np.ndarray:
+        """A smooth zero-mean wave in [-1, 1] along the pass (two random sinusoids)."""
+        f = rng.uniform(cycles_lo, cycles_hi, 2)
+        ph = rng.uniform(0, 2 * np.pi, 2)
+        w = 0.65 * np.sin(2 * np.pi * f[0] * u + ph[0]) + 0.35 * np.sin(2 * np.pi * f[1] * u + ph[1])
+        return w / max(np.abs(w).max(), 1e-9)
+
+    radius = lo + (hi - lo) * 0.5 * (1.0 + smooth(2.0, 5.0))
+    angle = rng.uniform(0, 2 * np.pi) + 2 * np.pi * rng.uniform(1.5, 3.5) * u * rng.choice([-1.0, 1.0])
+    up = np.array([0.0, 0.0, 1.0])
+    offset = radius[:, None] * (np.cos(angle)[:, None] * side + np.sin(angle)[:, None] * up)
+    # keep clear of surfaces: shorten (then flip) offsets that come too near
+    for _ in range(8):
+        bad = scene.distance(pos + offset) < 0.45
+        if not bad.any():
+            break
+        offset[bad] *= -0.8
+    dyaw = np.radians(yaw_deg) * smooth(3.0, 7.0)
+    dpitch = np.radians(pitch_deg) * smooth(2.0, 6.0)
+    droll = np.radians(roll_deg) * smooth(2.0, 5.0)
+    c, sn = np.cos(dyaw), np.sin(dyaw)
+    Rz = np.zeros((n, 3, 3))
+    Rz[:, 0, 0], Rz[:, 0, 1], Rz[:, 1, 0], Rz[:, 1, 1], Rz[:, 2, 2] = c, -sn, sn, c, 1.0
+    Rloc = Rotation.from_rotvec(np.stack((dpitch, np.zeros(n), droll), -1)).as_matrix()  # about camera x, then z
+    T = np.zeros((n, 4, 4))
+    T[:, :3, :3] = Rz @ rot @ Rloc
+    T[:, :3, 3] = pos + offset
+    T[:, 3, 3] = 1.0
+    return T
