@@ -21,6 +21,9 @@ budget, every canvas size of the batches gets one untimed forward/backward pass 
 so that one-off set-up costs do not eat the warm-up (see :func:`_warm_up`). On CUDA the
 forward pass runs under ``amp_dtype`` autocast (bf16 by default, no loss scaling; fp16
 with a GradScaler), cuDNN autotuning off; the network's output layer stays float32.
+On CUDA the whole step is captured as CUDA graphs and replayed (``cuda_graphs``): eager
+steps are bound by Python and launch overhead (~2,500 steps in 40 s on an H200 whatever
+the batch size), graphed ones by the GPU (~6,800 steps of 32 images in 40 s).
 """
 
 from __future__ import annotations
@@ -477,14 +480,15 @@ class _CapturedSteps:
             return None
 
     def step(self, t: float, lr: float) -> tuple[torch.Tensor, dict]:
-        """One training step at progress ``t`` and learning rate ``lr``; (loss copy, diagnostics)."""
+        """One training step at progress ``t`` and learning rate ``lr``: (a copy of the loss,
+        the graph's diagnostics, valid until the next step)."""
         level = self.buf.pick_level()
         self.buf.draw(self.cfg.batch_images, out=self.draws)
         self.t.fill_(t)
         self.lr.fill_(lr)
         self.graphs[level].replay()
         loss, info = self.out[level]
-        return loss.clone(), {k: v.clone() for k, v in info.items()}
+        return loss.clone(), info
 
 
 def _warm_up(net: SceneCoordinateNet, buf: TrainingBuffer, cfg: RelocConfig, dev: torch.device,
