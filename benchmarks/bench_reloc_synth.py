@@ -420,7 +420,7 @@ def main(argv=None) -> int:
                      "wrong": args.wrong, "size": f"{args.width}x{args.height}",
                      "depth_noise": not args.no_depth_noise, "seed": args.seed,
                      "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "config": cfg.to_dict(),
+        "config": reloc.config.to_dict(),  # as trained (per-device defaults resolved)
         "mapping": {k: v for k, v in stats.to_dict().items() if k != "history"},
         "mapping_history": stats.history,
         "query_geometry": geometry,

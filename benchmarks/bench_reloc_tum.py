@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         "settings": {"device": device, "data": str(args.data), "map_frames": len(map_frames),
                      "queries": len(q_frames), "wrong": len(wrong_frames),
                      "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "config": cfg.to_dict(),
+        "config": reloc.config.to_dict(),  # as trained (per-device defaults resolved)
         "mapping": {k: v for k, v in stats.to_dict().items() if k != "history"},
         "mapping_history": stats.history,
         "queries": q,

@@ -283,6 +283,17 @@ def test_mapping_input_errors():
         prepare_mapping_frames({"images": [frames[0].image]}, 48)
     with pytest.raises(InputError):
         RelocConfig(in_channels=2)
+    with pytest.raises(InputError, match="batch_images"):
+        RelocConfig(batch_images=-1)
+
+
+def test_default_batch_is_chosen_per_device_and_recorded():
+    frames = _synth("room", "loop", 6, 64, 48)
+    cfg = RelocConfig(short_side=48, encoder_widths=(4, 8, 8, 8, 8), head_width=8, iterations=2, nvs_views=0.0)
+    assert cfg.batch_images == 0
+    reloc, stats = train_relocaliser(frames, cfg, device="cpu")
+    assert reloc.config.batch_images == 8 and stats.iterations == 2
+    assert cfg.batch_images == 0  # the caller's settings are left alone
 
 
 def _anisotropic(frames, sx=1.25, crop=(6, 2)):
