@@ -404,3 +404,21 @@ def test_cuda_graph_training_fits_like_eager_training():
     assert gs.iterations == es.iterations == 400
     assert gs.history[-1][1] < 0.5 * gs.history[0][1]  # the loss fell
     assert gs.median_3d_error_m < 1.5 * es.median_3d_error_m + 0.01, (gs.median_3d_error_m, es.median_3d_error_m)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a failed capture where CUDA is missing")
+def test_failed_training_capture_warns_and_leaves_the_weights_alone():
+    """When capturing the training step fails (here: no CUDA at all), the trainer gets None,
+    a warning that names the fallback, and a network whose weights were not touched."""
+    from recon_slam.reloc.buffer import TrainingBuffer
+    from recon_slam.reloc.trainer import _CapturedSteps
+
+    frames = prepare_mapping_frames(_synth("room", "loop", 4, 64, 48), 48)
+    cfg = RelocConfig(short_side=48, encoder_widths=(4, 8, 8, 8, 8), head_width=8, batch_images=2)
+    net = build_net(cfg.encoder_widths, cfg.head_width, cfg.head_blocks, cfg.in_channels)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    buf = TrainingBuffer(frames, "cpu", cfg.in_channels, seed=0)
+    with pytest.warns(RuntimeWarning, match="eager steps"):
+        assert _CapturedSteps.build(net, buf, cfg, None) is None
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
