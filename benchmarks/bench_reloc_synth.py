@@ -237,19 +237,6 @@ def cpu_threads_block(reloc: Relocaliser, frames, threads: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------------- query set
-def render_frames(scene, camera, poses, seed: int = 0):
-    """Frames (RGB, exact depth, ground truth) of ``scene`` seen from ``poses``."""
-    from recon_slam.io.frame import Frame
-    from recon_slam.synth import render
-
-    out = []
-    for i, T in enumerate(poses):
-        r = render(scene, camera, T)
-        out.append(Frame(index=i, stamp=i / 30.0, image=r.image, camera=camera, depth=r.depth,
-                         T_world_cam_gt=np.asarray(T).copy()))
-    return out
-
-
 def query_poses(kind: str, map_seq, n: int, seed: int, offset_m=(0.05, 0.2), yaw_deg: float = 10.0) -> np.ndarray:
     """Poses of the query trajectory ``kind`` ("revisit" or "reloc") for the map ``map_seq``."""
     from recon_slam.synth.trajectories import make_trajectory, revisit_trajectory
@@ -274,7 +261,7 @@ def query_geometry(map_frames, query_frames, camera, every: int = 4) -> dict:
     d = np.linalg.norm(Tq[:, None, :3, 3] - Tm[None, :, :3, 3], axis=-1)
     near = d.argmin(1)
     ang_near = _rotation_deg(Tq[:, :3, :3], Tm[near, :3, :3])
-    ang_min = _rotation_deg(Tq[:, None, :3, :3], Tm[None, :, :3, :3]).min(1)
+    ang_all = _rotation_deg(Tq[:, None, :3, :3], Tm[None, :, :3, :3])  # (Q, M)
     map_depth = [f.depth for f in map_frames]
     seen = []
     for f in query_frames[::every]:
@@ -303,9 +290,8 @@ def query_geometry(map_frames, query_frames, camera, every: int = 4) -> dict:
     return {
         "nearest_map_frame_distance_m": pct(d.min(1)),
         "angle_to_nearest_map_frame_deg": pct(ang_near),
-        "smallest_angle_to_any_map_frame_deg": pct(ang_min),
-        "queries_closer_than_1cm_and_1deg_to_a_map_frame": int(np.sum((d < 0.01) & (_rotation_deg(
-            Tq[:, None, :3, :3], Tm[None, :, :3, :3]) < 1.0))),
+        "smallest_angle_to_any_map_frame_deg": pct(ang_all.min(1)),
+        "queries_closer_than_1cm_and_1deg_to_a_map_frame": int(np.sum((d < 0.01) & (ang_all < 1.0))),
         "share_of_query_cells_seen_by_the_map": pct(np.array(seen)),
         "queries_sampled_for_coverage": len(seen),
     }
@@ -347,7 +333,7 @@ def main(argv=None) -> int:
                                 seed=args.seed, depth_noise=not args.no_depth_noise)
     map_frames = list(map_seq)
     q_T = query_poses(args.query_trajectory, map_seq, args.queries, args.seed, revisit_offset, args.revisit_yaw)
-    q_frames = render_frames(map_seq.scene, map_seq.camera, q_T)
+    q_frames = list(SyntheticSequence("room", width=args.width, height=args.height, seed=args.seed, poses=q_T))
     print(f"rendered {len(map_frames)} map + {len(q_frames)} query frames ({args.query_trajectory}) in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
@@ -369,9 +355,8 @@ def main(argv=None) -> int:
 
     print("timing at 640x480 ...", flush=True)
     n_t = max(2, args.timing_frames)
-    t_cam = SyntheticSequence("room", "loop", frames=2, width=640, height=480, seed=args.seed).camera
-    t_frames = render_frames(map_seq.scene, t_cam, query_poses(args.query_trajectory, map_seq, n_t, args.seed,
-                                                                   revisit_offset, args.revisit_yaw))
+    t_frames = list(SyntheticSequence("room", width=640, height=480, seed=args.seed, poses=query_poses(
+        args.query_trajectory, map_seq, n_t, args.seed, revisit_offset, args.revisit_yaw)))
     timing = {device: time_localize(reloc, t_frames)}
     acc640 = summarise([{"ok": r.ok, "t_err_m": e[0], "r_err_deg": e[1], "inliers": r.inliers,
                          "confidence": r.confidence, "ms": r.time_ms}

@@ -364,6 +364,20 @@ def test_revisit_is_a_second_pass_near_the_reference(room):
         revisit_trajectory(loop, 10, room, offset_m=(0.3, 0.1))
 
 
+def test_sequence_renders_given_poses(room):
+    """Explicit poses (a query pass) render exactly like the same poses of a named trajectory."""
+    loop = SyntheticSequence("room", "loop", frames=20, width=64, height=48, seed=0)
+    picked = loop.poses[[3, 11, 17]]
+    seq = SyntheticSequence("room", width=64, height=48, seed=0, poses=picked)
+    assert len(seq) == 3 and "custom" in seq.name
+    for f, i in zip(seq, (3, 11, 17)):
+        np.testing.assert_array_equal(f.T_world_cam_gt, loop.poses[i])
+        np.testing.assert_array_equal(f.image, loop[i].image)
+        np.testing.assert_array_equal(f.depth, loop[i].depth)
+    with pytest.raises(InputError, match="poses"):
+        SyntheticSequence("room", poses=np.eye(4))
+
+
 def test_trajectory_seed_and_short_sequences(room):
     a, b = make_trajectory("handheld", 120, room, 0), make_trajectory("handheld", 120, room, 0)
     np.testing.assert_array_equal(a, b)

@@ -356,30 +356,32 @@ def train_relocaliser(
             lr = cfg.lr_max * _lr_factor(t, cfg)
             if steps is not None:
                 loss, info = steps.step(t, lr)
-                step += 1
-                losses.append(loss)
-                cells = cells + info["cells"]
-                if step % log_every == 0 or step == cfg.iterations:
-                    _report(stats, progress, step, cfg, losses, log_every, lr, info, t0)
-                continue
-            for gparam in opt.param_groups:
-                gparam["lr"] = lr
-            batch = buf.sample(cfg.batch_images)
-            x = batch.images
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                pred = net(x)
-            loss, info = scene_coordinate_loss(pred, batch, t, cfg)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            else:
+                for gparam in opt.param_groups:
+                    gparam["lr"] = lr
+                batch = buf.sample(cfg.batch_images)
+                x = batch.images
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    pred = net(x)
+                loss, info = scene_coordinate_loss(pred, batch, t, cfg)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss = loss.detach()
             step += 1
-            losses.append(loss.detach())
+            losses.append(loss)
             cells = cells + info["cells"]
             if step % log_every == 0 or step == cfg.iterations:
-                _report(stats, progress, step, cfg, losses, log_every, lr, info, t0)
+                recent = torch.stack(losses[-log_every:]).mean()
+                rec = {"step": step, "steps": cfg.iterations, "loss": float(recent), "lr": lr,
+                       "l3d": float(info["l3d"]), "lrep": float(info["lrep"]), "seconds": time.perf_counter() - t0}
+                stats.history.append([step, rec["loss"], lr])
+                if progress is not None:
+                    progress(rec)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         stats.train_seconds = time.perf_counter() - t_train
@@ -400,17 +402,6 @@ def train_relocaliser(
         progress({"step": step, "steps": cfg.iterations, "loss": stats.loss, "lr": 0.0, "seconds": stats.seconds,
                   "done": True})
     return reloc, stats
-
-
-def _report(stats: TrainStats, progress, step: int, cfg: RelocConfig, losses: list, log_every: int, lr: float,
-            info: dict, t0: float) -> None:
-    """Record (and pass to ``progress``) the mean loss of the last ``log_every`` steps."""
-    recent = torch.stack(losses[-log_every:]).mean()
-    rec = {"step": step, "steps": cfg.iterations, "loss": float(recent), "lr": lr,
-           "l3d": float(info["l3d"]), "lrep": float(info["lrep"]), "seconds": time.perf_counter() - t0}
-    stats.history.append([step, rec["loss"], lr])
-    if progress is not None:
-        progress(rec)
 
 
 class _CapturedSteps:

@@ -41,6 +41,9 @@ class SyntheticSequence:
         stereo: also render the right image of a rectified pair.
         baseline_m: stereo baseline (right camera at +baseline along the camera x axis).
         fps: frame rate; frame ``i`` has stamp ``i / fps`` seconds.
+        poses: optional (N, 4, 4) ``T_world_cam`` to render instead of a ``trajectory``
+            kind (e.g. :func:`recon_slam.synth.trajectories.revisit_trajectory`);
+            ``trajectory`` and ``frames`` are then ignored.
 
     Attributes:
         name, camera, scene, poses ((N, 4, 4) T_world_cam), stamps ((N,) seconds),
@@ -63,11 +66,17 @@ class SyntheticSequence:
         stereo: bool = False,
         baseline_m: float = 0.1,
         fps: float = 30.0,
+        poses: np.ndarray | None = None,
     ):
+        if poses is not None:
+            poses = np.asarray(poses, dtype=np.float64)
+            if poses.ndim != 3 or poses.shape[1:] != (4, 4) or len(poses) < 1:
+                raise InputError(f"poses must be an (N, 4, 4) array of T_world_cam with N >= 1, got {poses.shape}")
+            trajectory, frames = "custom", max(2, len(poses))  # (frames is only validated below)
+        elif trajectory not in TRAJECTORY_KINDS:
+            raise InputError(f"unknown trajectory {trajectory!r}; choose one of: {', '.join(TRAJECTORY_KINDS)}")
         if scene not in SCENE_NAMES:
             raise InputError(f"unknown synthetic scene {scene!r}; choose one of: {', '.join(SCENE_NAMES)}")
-        if trajectory not in TRAJECTORY_KINDS:
-            raise InputError(f"unknown trajectory {trajectory!r}; choose one of: {', '.join(TRAJECTORY_KINDS)}")
         limits = (("frames", frames, 2, 10**7), ("width", width, 8, 4096), ("height", height, 8, 4096))
         for key, value, lo, hi in limits:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
@@ -90,8 +99,8 @@ class SyntheticSequence:
         f = (width / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
         self.camera = PinholeCamera(int(width), int(height), f, f, (width - 1) / 2.0, (height - 1) / 2.0)
         self.scene = make_scene(scene, self.seed)
-        self.poses = make_trajectory(trajectory, int(frames), self.scene, self.seed)
-        self.stamps = np.arange(int(frames), dtype=np.float64) / self.fps
+        self.poses = poses.copy() if poses is not None else make_trajectory(trajectory, int(frames), self.scene, self.seed)
+        self.stamps = np.arange(len(self.poses), dtype=np.float64) / self.fps
         self.name = f"synth_{scene}_{trajectory}_s{self.seed}"
 
     def __len__(self) -> int:
